@@ -1,0 +1,177 @@
+"""The synchronous SDK: one named call per model, numpy arrays in and out.
+
+    from client import MuseTalkClient
+    with MuseTalkClient("localhost:8001") as tc:          # gRPC; "http" for port 8000
+        faces = tc.musetalk(audio_chunks, latents)        # [N, 256, 256, 3] uint8 BGR
+
+Inputs larger than the model's max_batch_size are split and sent as several
+requests, up to `max_in_flight` at once, so Triton's dynamic batcher always has
+work queued; the results come back concatenated in order.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from client import specs
+from client.errors import InvalidInput, ServerUnavailable, TritonClientError, translate
+from client.requests import (
+    DEFAULT_URLS,
+    NamedCalls,
+    batch_slices,
+    connection_kwargs,
+    make_inputs,
+    make_outputs,
+    protocol_module,
+    read_outputs,
+    validate,
+)
+from client.shm import SharedMemoryArena
+
+
+class MuseTalkClient(NamedCalls):
+    """Calls MuseTalk's models on a Triton server over gRPC (default) or HTTP.
+
+    Args:
+        url: "host:port" (default localhost:8001 for gRPC, localhost:8000 for HTTP).
+        protocol: "grpc" or "http".
+        max_in_flight: requests kept in flight when an input is split into batches.
+        timeout_s: per-request network timeout.
+        shared_memory: pass tensors through system shared memory (same host only).
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", max_in_flight: int = 4,
+                 timeout_s: float = 300.0, shared_memory: bool = False):
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.timeout_s = timeout_s
+        self.shared_memory = shared_memory
+        self._module = protocol_module(protocol)
+        self._local = threading.local()
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="musetalk-client")
+
+    # -- health ---------------------------------------------------------------------------
+    def server_ready(self) -> bool:
+        try:
+            return bool(self._worker().client.is_server_ready())
+        except Exception:  # noqa: BLE001 - unreachable means not ready
+            return False
+
+    def model_ready(self, model: str) -> bool:
+        try:
+            return bool(self._worker().client.is_model_ready(model))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def wait_until_ready(self, timeout_s: float = 60.0, models: list[str] | None = None) -> None:
+        """Block until the server and `models` (default: all of MuseTalk's) are ready."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        models = list(models or specs.MODELS)
+        while time.monotonic() < deadline:
+            if self.server_ready() and all(self.model_ready(m) for m in models):
+                return
+            time.sleep(0.25)
+        if not self.server_ready():
+            raise ServerUnavailable(f"Triton at {self.url} not ready after {timeout_s:.0f} s")
+        waiting = [m for m in models if not self.model_ready(m)]
+        raise TritonClientError(f"models not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
+
+    def statistics(self, model: str) -> dict:
+        """Triton's inference statistics of `model` as a dict (inference_count, execution_count...)."""
+        try:
+            stats = self._worker().client.get_inference_statistics(model, as_json=True) \
+                if self.protocol == "grpc" else self._worker().client.get_inference_statistics(model)
+        except Exception as error:  # noqa: BLE001
+            raise translate(error, model) from error
+        return stats["model_stats"][0]
+
+    # -- inference ------------------------------------------------------------------------
+    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs` (name -> array with a leading batch axis); outputs by name."""
+        spec = specs.MODELS.get(model)
+        if spec is None:  # not one of ours: send as is and let the server judge
+            return self._send(model, None, inputs)
+        arrays = validate(spec, inputs)
+        batch = len(next(iter(arrays.values())))
+        if batch == 0:
+            raise InvalidInput("empty batch", model)
+        slices = batch_slices(batch, spec.max_batch_size)
+        if len(slices) == 1:
+            return self._send(model, spec, arrays)
+        futures = [self._pool.submit(self._send, model, spec, {k: v[s] for k, v in arrays.items()})
+                   for s in slices]
+        parts = [f.result() for f in futures]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray) -> np.ndarray:
+        names = [t.name for t in spec.inputs]
+        return self.infer(spec.name, dict(zip(names, arrays)))[spec.outputs[0].name]
+
+    def _send(self, model: str, spec: specs.ModelSpec | None,
+              arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        worker = self._worker()
+        arena = worker.arena(spec) if (self.shared_memory and spec) else None
+        try:
+            inputs = make_inputs(self._module, arrays, arena)
+            outputs = make_outputs(self._module, spec, arena, len(next(iter(arrays.values()))))
+            timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            result = worker.client.infer(model, inputs, outputs=outputs, **timeout)
+            return read_outputs(result, spec, arena)
+        except Exception as error:  # noqa: BLE001 - every failure gets a clear type
+            raise translate(error, model) from error
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _worker(self) -> "_Worker":
+        # tritonclient's HTTP client is not thread-safe: one connection per thread.
+        worker = getattr(self._local, "worker", None)
+        if worker is None:
+            try:
+                worker = _Worker(self._module.InferenceServerClient(
+                    self.url, **connection_kwargs(self.protocol, self.timeout_s)))
+            except Exception as error:  # noqa: BLE001
+                raise translate(error, None) from error
+            self._local.worker = worker
+            with self._lock:
+                self._workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for worker in self._workers:
+                worker.close()
+            self._workers.clear()
+
+    def __enter__(self) -> "MuseTalkClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Worker:
+    """One thread's connection, and its shared-memory regions per model."""
+
+    def __init__(self, client):
+        self.client = client
+        self.arenas: dict[str, SharedMemoryArena] = {}
+
+    def arena(self, spec: specs.ModelSpec) -> SharedMemoryArena:
+        if spec.name not in self.arenas:
+            self.arenas[spec.name] = SharedMemoryArena(self.client, spec)
+        return self.arenas[spec.name]
+
+    def close(self) -> None:
+        for arena in self.arenas.values():
+            arena.close()
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection is fine
+            pass
+

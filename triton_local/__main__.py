@@ -1,0 +1,67 @@
+"""python -m triton_local: serve the exported models with a real local tritonserver.
+
+Generates build/triton_repository from model_repository/ (python backend running
+the same ONNX files on the CPU), starts tritonserver, waits until every model is
+ready, prints the endpoints and serves until Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from triton_local.repository import SOURCE, generate
+from triton_local.runtimes import DEFAULT_RUNTIMES
+from triton_local.server import BUILD, LocalTriton, Ports, ServerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m triton_local", description=__doc__)
+    p.add_argument("--onnx-repository", type=Path, default=SOURCE,
+                   help="where `python -m export` wrote the ONNX files (default model_repository)")
+    p.add_argument("--target", type=Path, default=BUILD / "triton_repository",
+                   help="where to generate the local repository")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    args = p.parse_args(argv)
+
+    try:
+        models = generate(args.target, args.onnx_repository, DEFAULT_RUNTIMES)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    server = LocalTriton(args.target, Ports(args.http_port, args.grpc_port, args.metrics_port))
+    print(f"starting tritonserver with {', '.join(models)} (log: {server.log_file})...", flush=True)
+    started = time.perf_counter()
+    try:
+        server.start()
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"READY in {time.perf_counter() - started:.1f} s, "
+        f"{server.resident_bytes() / 2**30:.2f} GiB resident\n"
+        f"  HTTP     http://{server.http_url}\n"
+        f"  gRPC     {server.grpc_url}\n"
+        f"  metrics  http://localhost:{server.ports.metrics}/metrics\n"
+        "Ctrl-C stops it.", flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"tritonserver exited ({server.process.returncode}):\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit):
+        print("stopping...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

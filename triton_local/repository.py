@@ -1,0 +1,89 @@
+"""Generate the local server's model repository from model_repository/.
+
+Every model keeps its name, tensors, max_batch_size, dynamic batching and the
+ensemble exactly as the GPU configs declare them. What changes is only what a
+CPU-only machine without the onnxruntime backend needs: the python backend
+(python_model.py running the same ONNX file), a CPU instance, and no TensorRT
+accelerator or engine warm-up.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SOURCE = PROJECT_ROOT / "model_repository"
+PYTHON_MODEL = Path(__file__).resolve().parent / "python_model.py"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the local server runs one ONNX model (see python_model.py)."""
+
+    name: str = "onnxruntime"
+    precision: str = "f32"
+    threads: int = 0
+
+    def parameters(self) -> dict[str, str]:
+        return {"runtime": self.name, "precision": self.precision, "threads": str(self.threads)}
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+def source_configs(source: Path = SOURCE) -> dict[str, mc.ModelConfig]:
+    """The configs of model_repository/, by model name."""
+    return {p.parent.name: read_config(p) for p in sorted(Path(source).glob("*/config.pbtxt"))}
+
+
+def local_config(config: mc.ModelConfig, onnx_model: Path, runtime: Runtime) -> mc.ModelConfig:
+    local = mc.ModelConfig()
+    local.CopyFrom(config)
+    local.backend = "python"
+    del local.instance_group[:]
+    local.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    local.ClearField("optimization")  # TensorRT settings mean nothing on a CPU
+    del local.model_warmup[:]  # warm-up exists to build TensorRT engines before READY
+    params = {"onnx_model": str(Path(onnx_model).resolve()), **runtime.parameters()}
+    for key, value in params.items():
+        local.parameters[key].string_value = value
+    return local
+
+
+def generate(
+    target: Path,
+    onnx_repository: Path = SOURCE,
+    runtimes: dict[str, Runtime] | None = None,
+    source: Path = SOURCE,
+) -> list[str]:
+    """Write the local repository to `target` (replacing it); return the model names.
+
+    ONNX files are read from `onnx_repository/<name>/1/model.onnx`, where
+    `python -m export --repository` wrote them.
+    """
+    runtimes = runtimes or {}
+    configs = source_configs(source)
+    missing = [
+        name for name, c in configs.items()
+        if c.platform != "ensemble" and not (Path(onnx_repository) / name / "1" / "model.onnx").is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"no exported ONNX file for {', '.join(missing)} under {onnx_repository}; "
+            f"run: python -m export --repository {onnx_repository} (--weights DIR or --synthetic)"
+        )
+    shutil.rmtree(target, ignore_errors=True)
+    for name, config in configs.items():
+        version = Path(target) / name / "1"
+        version.mkdir(parents=True)
+        if config.platform != "ensemble":
+            onnx_model = Path(onnx_repository) / name / "1" / "model.onnx"
+            config = local_config(config, onnx_model, runtimes.get(name, Runtime()))
+            (version / "model.py").symlink_to(PYTHON_MODEL)
+        (Path(target) / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return list(configs)
