@@ -1,0 +1,162 @@
+"""Speech to per-frame audio windows: upstream MuseTalk's AudioProcessor, in numpy.
+
+decode -> 16 kHz mono -> 30 s segments -> whisper log-mel [80, 3000] each
+-> (Triton audio_encoder) -> [steps, 5, 384] -> one [50, 384] window per video frame.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from client import specs
+
+SEGMENT_SAMPLES = 30 * specs.SAMPLE_RATE
+N_FFT = 400
+HOP = 160
+# Upstream's audio_padding_length_left / _right (both 2): the window of 10 steps
+# (2 * (2 + 2 + 1)) starts 2 frames' worth of steps before the frame.
+PAD_LEFT = 2
+PAD_RIGHT = 2
+
+
+class AudioError(ValueError):
+    """The upload is not audio we can use; the message says why."""
+
+
+@dataclass
+class Speech:
+    """Decoded speech: the 16 kHz mono samples features are made from, and the
+    original samples (mono, native rate) that go into the video's audio track."""
+
+    samples_16k: np.ndarray
+    original: np.ndarray
+    original_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples_16k) / specs.SAMPLE_RATE
+
+
+def decode(data: bytes, max_seconds: float | None = None) -> Speech:
+    """Decode any audio file's bytes (wav, flac, ogg, mp3, and what FFmpeg reads).
+
+    Matches `librosa.load(path, sr=16000)`: float32, channels averaged, soxr_hq
+    resampling.
+    """
+    import librosa
+
+    if not data:
+        raise AudioError("the audio file is empty")
+    samples, rate = _read(data)
+    if samples.size == 0:
+        raise AudioError("the audio file holds no samples")
+    mono = librosa.to_mono(samples) if samples.ndim > 1 else samples
+    seconds = len(mono) / rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"the audio lasts {seconds:.1f} s; the limit is {max_seconds:g} s")
+    resampled = librosa.resample(mono, orig_sr=rate, target_sr=specs.SAMPLE_RATE, res_type="soxr_hq")
+    return Speech(np.ascontiguousarray(resampled, dtype=np.float32), mono, rate)
+
+
+def _read(data: bytes) -> tuple[np.ndarray, int]:
+    """(samples as float32, channels first if several; rate), via libsndfile, else FFmpeg."""
+    import soundfile
+
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return samples.T if samples.shape[1] > 1 else samples[:, 0], rate
+    except Exception:  # noqa: BLE001 - libsndfile does not read this; try FFmpeg
+        pass
+    try:
+        return _read_with_ffmpeg(data)
+    except Exception as error:  # noqa: BLE001
+        raise AudioError(
+            "cannot decode the audio file (expected wav, mp3, flac, ogg or another audio format)"
+        ) from error
+
+
+def _read_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.audio:
+            raise AudioError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=stream.rate)
+        chunks = [
+            r.to_ndarray()[0]
+            for frame in container.decode(stream)
+            for r in resampler.resample(frame)
+        ]
+    if not chunks:
+        raise AudioError("the audio stream holds no samples")
+    return np.concatenate(chunks).astype(np.float32), stream.rate
+
+
+@lru_cache(maxsize=1)
+def _mel_filters() -> np.ndarray:
+    import librosa
+
+    # Slaney-style, as whisper's own mel_filters.npz and transformers' extractor.
+    return librosa.filters.mel(sr=specs.SAMPLE_RATE, n_fft=N_FFT, n_mels=specs.MEL_BINS,
+                               fmin=0.0, fmax=8000.0, htk=False, norm="slaney").astype(np.float64)
+
+
+@lru_cache(maxsize=1)
+def _hann() -> np.ndarray:
+    n = np.arange(N_FFT)
+    return 0.5 - 0.5 * np.cos(2 * np.pi * n / N_FFT)  # periodic, like torch.hann_window
+
+
+def log_mel(segment: np.ndarray) -> np.ndarray:
+    """Whisper's log-mel of up to 30 s of 16 kHz audio: [80, 3000] float32.
+
+    The maths of transformers' WhisperFeatureExtractor: zero-pad to 30 s,
+    centred STFT (n_fft 400, hop 160, reflect padding), power, slaney mel,
+    log10, clamp to max-8, (x + 4) / 4.
+    """
+    audio = np.zeros(SEGMENT_SAMPLES, dtype=np.float64)
+    audio[: len(segment)] = segment[:SEGMENT_SAMPLES]
+    padded = np.pad(audio, N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
+    power = np.abs(np.fft.rfft(frames * _hann(), axis=-1)) ** 2
+    mel = _mel_filters() @ power.T
+    log = np.log10(np.maximum(mel, 1e-10))[:, :-1]
+    log = np.maximum(log, log.max() - 8.0)
+    return ((log + 4.0) / 4.0).astype(np.float32)
+
+
+def mel_segments(samples_16k: np.ndarray) -> np.ndarray:
+    """Upstream splits the audio in 30 s segments, one log-mel each: [S, 80, 3000]."""
+    starts = range(0, max(len(samples_16k), 1), SEGMENT_SAMPLES)
+    return np.stack([log_mel(samples_16k[s : s + SEGMENT_SAMPLES]) for s in starts])
+
+
+def frame_count(seconds: float, fps: int) -> int:
+    """Video frames for `seconds` of audio: floor(seconds * fps). None is dropped."""
+    return math.floor(seconds * fps)
+
+
+def frame_windows(hidden_states: np.ndarray, seconds: float, fps: int) -> np.ndarray:
+    """Per-frame audio windows [frames, 50, 384] from the encoder's [S, 1500, 5, 384].
+
+    Upstream's get_whisper_chunk: trim to floor(seconds * 50) steps, zero-pad by
+    ceil(50/fps) * 2 steps on the left and ceil(50/fps) * 3 * 2 on the right,
+    then frame i takes 10 steps from floor(i * 50/fps), time-major then layer.
+    """
+    steps = hidden_states.reshape(-1, specs.WHISPER_LAYERS, specs.WHISPER_DIM)
+    steps = steps[: math.floor(seconds * specs.AUDIO_STEPS_PER_SECOND)]
+    multiplier = specs.AUDIO_STEPS_PER_SECOND / fps
+    pad = math.ceil(multiplier)
+    padded = np.concatenate([
+        np.zeros((pad * PAD_LEFT, *steps.shape[1:]), steps.dtype),
+        steps,
+        np.zeros((pad * 3 * PAD_RIGHT, *steps.shape[1:]), steps.dtype),
+    ])
+    starts = np.floor(np.arange(frame_count(seconds, fps)) * multiplier).astype(int)
+    index = starts[:, None] + np.arange(specs.CHUNK_STEPS)[None, :]
+    return padded[index].reshape(len(starts), specs.CHUNK_TOKENS, specs.WHISPER_DIM)
