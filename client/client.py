@@ -59,12 +59,14 @@ class MuseTalkClient(NamedCalls):
         try:
             return bool(self._worker().client.is_server_ready())
         except Exception:  # noqa: BLE001 - unreachable means not ready
+            self._drop_worker()
             return False
 
     def model_ready(self, model: str) -> bool:
         try:
             return bool(self._worker().client.is_model_ready(model))
         except Exception:  # noqa: BLE001
+            self._drop_worker()
             return False
 
     def wait_until_ready(self, timeout_s: float = 60.0, models: list[str] | None = None) -> None:
@@ -124,7 +126,10 @@ class MuseTalkClient(NamedCalls):
             result = worker.client.infer(model, inputs, outputs=outputs, **timeout)
             return read_outputs(result, spec, arena)
         except Exception as error:  # noqa: BLE001 - every failure gets a clear type
-            raise translate(error, model) from error
+            failure = translate(error, model)
+            if isinstance(failure, ServerUnavailable):
+                self._drop_worker()
+            raise failure from error
 
     # -- lifecycle ------------------------------------------------------------------------
     def _worker(self) -> "_Worker":
@@ -140,6 +145,16 @@ class MuseTalkClient(NamedCalls):
             with self._lock:
                 self._workers.append(worker)
         return worker
+
+    def _drop_worker(self) -> None:
+        """Forget this thread's connection: a gRPC channel that failed to connect
+        backs off for up to minutes, so a server that comes back would go unseen."""
+        worker = getattr(self._local, "worker", None)
+        if worker is not None:
+            self._local.worker = None
+            with self._lock:
+                self._workers.remove(worker)
+            worker.close()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

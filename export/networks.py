@@ -57,7 +57,10 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("pe", pe.unsqueeze(0), persistent=False)
 
     def forward(self, audio_chunk: torch.Tensor) -> torch.Tensor:
-        return audio_chunk + self.pe[:, : audio_chunk.shape[1]]
+        # Decided at trace time: a table of exactly the input's length exports
+        # as a plain Add with static shapes, with no slice of a 5000-row table.
+        same = self.pe.shape[1] == audio_chunk.shape[1]
+        return audio_chunk + (self.pe if same else self.pe[:, : audio_chunk.shape[1]])
 
 
 class UNet(nn.Module):

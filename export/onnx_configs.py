@@ -80,7 +80,7 @@ CONFIGS = {
     for c in (
         OnnxConfig(specs.AUDIO_ENCODER, "whisper", networks.AudioEncoder, _log_mel,
                    Tolerance(rel_l2=1e-5)),
-        OnnxConfig(specs.POSITIONAL_ENCODING, None, lambda _: networks.PositionalEncoding(),
+        OnnxConfig(specs.POSITIONAL_ENCODING, None, lambda _: networks.PositionalEncoding(max_len=specs.CHUNK_TOKENS),
                    _randn(*specs.POSITIONAL_ENCODING.inputs[0].shape), Tolerance(rel_l2=1e-6)),
         OnnxConfig(specs.UNET, "unet", networks.UNet, _unet_inputs,
                    Tolerance(rel_l2=1e-5), external_data=True),

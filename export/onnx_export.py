@@ -24,7 +24,7 @@ from export.onnx_configs import OnnxConfig
 from export.resources import PeakMemory
 
 # Bump when a graph changes in a way the weights key cannot see.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 3
 OPSET = 17
 METADATA_KEY = "musetalk.export"
 PARITY_BATCHES = (1, 3)
@@ -145,6 +145,7 @@ def _torch_export(config: OnnxConfig, module: torch.nn.Module, path: Path) -> No
 def _finish(path: Path, config: OnnxConfig, key: str, source: WeightSource) -> None:
     """Record where the graph came from, and store large weights in one file beside it."""
     model = onnx.load(str(path))
+    _declare_shapes(model, config)
     meta = {
         METADATA_KEY: key,
         "musetalk.synthetic": str(source.synthetic).lower(),
@@ -161,6 +162,23 @@ def _finish(path: Path, config: OnnxConfig, key: str, source: WeightSource) -> N
         model, str(path), save_as_external_data=config.external_data,
         all_tensors_to_one_file=True, location=DATA_FILE,
     )
+
+
+def _declare_shapes(model: onnx.ModelProto, config: OnnxConfig) -> None:
+    """Write the spec's shapes on the graph's inputs and outputs.
+
+    Tracing leaves some output dims symbolic (the VAE encoder's batch split, for
+    one); Triton and TensorRT profiles read these declarations, so they state
+    the contract exactly: a dynamic batch, then the fixed dims of client.specs.
+    """
+    declared = {t.name: t for t in (*config.spec.inputs, *config.spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = declared[value.name]
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        shape.dim.add().dim_param = "batch"
+        for size in tensor.shape:
+            shape.dim.add().dim_value = size
 
 
 def check_parity(config: OnnxConfig, module: torch.nn.Module, path: Path) -> ParityReport:

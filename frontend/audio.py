@@ -152,11 +152,16 @@ def frame_windows(hidden_states: np.ndarray, seconds: float, fps: int) -> np.nda
     steps = steps[: math.floor(seconds * specs.AUDIO_STEPS_PER_SECOND)]
     multiplier = specs.AUDIO_STEPS_PER_SECOND / fps
     pad = math.ceil(multiplier)
-    padded = np.concatenate([
-        np.zeros((pad * PAD_LEFT, *steps.shape[1:]), steps.dtype),
-        steps,
-        np.zeros((pad * 3 * PAD_RIGHT, *steps.shape[1:]), steps.dtype),
-    ])
     starts = np.floor(np.arange(frame_count(seconds, fps)) * multiplier).astype(int)
+    left = pad * PAD_LEFT
+    # Upstream's right padding runs short above 50 fps (it exits there); pad
+    # just enough more that the last window fits, which changes nothing below.
+    needed = (starts[-1] + specs.CHUNK_STEPS if len(starts) else 0) - left - len(steps)
+    right = max(pad * 3 * PAD_RIGHT, needed)
+    padded = np.concatenate([
+        np.zeros((left, *steps.shape[1:]), steps.dtype),
+        steps,
+        np.zeros((right, *steps.shape[1:]), steps.dtype),
+    ])
     index = starts[:, None] + np.arange(specs.CHUNK_STEPS)[None, :]
     return padded[index].reshape(len(starts), specs.CHUNK_TOKENS, specs.WHISPER_DIM)

@@ -1,0 +1,159 @@
+"""make demo: the main job, end to end, from one command.
+
+Exports the models (real weights if models/ holds them, else synthetic
+full-size weights, said loudly), starts the local Triton and the front end,
+prepares the demo avatar from a real photograph, sends a few seconds of real
+speech to POST /onnx-infer, saves the mp4 and reports each stage's time; then
+stops everything it started. A second run reuses the exports and the avatar.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import soundfile
+from tqdm import tqdm
+
+from export.__main__ import main as export_main
+from frontend.stack import FrontEnd, start_triton
+from triton_local.server import BUILD, Ports
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+AVATAR_ID = "demo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m frontend.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--speech", type=Path, default=ASSETS / "demo_speech.flac")
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--profile", choices=["full", "tiny"], default="full",
+                   help="tiny: small random models, for a one-minute look at the whole path")
+    p.add_argument("--output", type=Path, default=BUILD / "demo" / "musetalk_demo.mp4")
+    args = p.parse_args(argv)
+
+    real = Path("models/musetalkV15/unet.pth").is_file() and args.profile == "full"
+    repository = Path("model_repository") if args.profile == "full" else BUILD / "demo_tiny_onnx"
+    step("1/5 export the networks to ONNX" + ("" if real else " (SYNTHETIC random weights)"))
+    source = ["--weights", "models"] if real else ["--synthetic", "--profile", args.profile]
+    if export_main([*source, "--repository", str(repository)]) != 0:
+        return 1
+
+    step("2/5 start the local Triton server")
+    server = start_triton(repository, _ports())
+    frontend = None
+    try:
+        step("3/5 start the front end")
+        frontend = FrontEnd(server.grpc_url, _free_port(8080),
+                            env={"MUSETALK_AVATAR_DIR": str(BUILD / "demo" / f"avatars-{args.profile}")}).start()
+        print(f"front end: {frontend.url} (API docs: {frontend.url}/docs)")
+        with httpx.Client(base_url=frontend.url, timeout=None) as http:
+            step("4/5 prepare the avatar from a photograph")
+            prepare_avatar(http)
+            step("5/5 speech -> video through POST /onnx-infer")
+            video, timings = speak(http, server, args.speech, args.fps)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_bytes(video)
+    finally:
+        if frontend:
+            frontend.stop()
+        server.stop()
+    report(args.output, timings, real)
+    return 0
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title} ===", flush=True)
+
+
+def prepare_avatar(http: httpx.Client) -> None:
+    if http.get(f"/avatars/{AVATAR_ID}").status_code == 200:
+        print(f"avatar '{AVATAR_ID}' already prepared: reused")
+        return
+    import skimage.data
+
+    photo = cv2.imencode(".png", cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))[1]
+    started = time.perf_counter()
+    response = http.post("/avatars", data={"avatar_id": AVATAR_ID},
+                         files={"file": ("astronaut.png", photo.tobytes(), "image/png")})
+    response.raise_for_status()
+    print(f"avatar '{AVATAR_ID}' prepared from scikit-image's astronaut photograph "
+          f"in {time.perf_counter() - started:.1f} s")
+
+
+def speak(http: httpx.Client, server, speech: Path, fps: int) -> tuple[bytes, dict]:
+    """POST the speech; a progress bar follows the frames Triton's vae_decoder has produced."""
+    frames = math.floor(soundfile.info(str(speech)).duration * fps)
+    result: dict = {}
+
+    def post():
+        try:
+            result["response"] = http.post("/onnx-infer", data={"avatar_id": AVATAR_ID, "fps": str(fps)},
+                                           files={"audio_file": (speech.name, speech.read_bytes())})
+        except Exception as error:  # noqa: BLE001 - reported below
+            result["error"] = error
+
+    request = threading.Thread(target=post)
+    start_count = _decoded(server)
+    request.start()
+    with tqdm(total=frames, desc="frames generated", unit="frame") as bar:
+        while request.is_alive():
+            request.join(1.0)
+            bar.update(min(frames, _decoded(server) - start_count) - bar.n)
+        bar.update(frames - bar.n)
+    if "error" in result:
+        raise result["error"]
+    response = result["response"]
+    if response.status_code != 200:
+        raise SystemExit(f"POST /onnx-infer failed ({response.status_code}): {response.text}")
+    return response.content, json.loads(response.headers["x-timings"])
+
+
+def _decoded(server) -> int:
+    try:
+        with httpx.Client(timeout=5) as http:
+            stats = http.get(f"http://{server.http_url}/v2/models/vae_decoder/stats").json()
+        return int(stats["model_stats"][0]["inference_count"])  # frames, not requests
+    except Exception:  # noqa: BLE001 - progress is best effort
+        return 0
+
+
+def report(output: Path, t: dict, real: bool) -> None:
+    step("done")
+    print(f"video: {output.resolve()} ({output.stat().st_size / 1e6:.2f} MB, {t['frames']} frames "
+          f"at {t['fps']} fps, {t['audio_seconds']} s of speech)")
+    print(f"  audio features (log-mel + audio_encoder):  {t['audio_features']:8.2f} s")
+    print(f"  waiting for Triton (pe + unet + decoder):  {t['waiting_for_triton']:8.2f} s")
+    print(f"  blending:                                  {t['blending']:8.2f} s")
+    print(f"  encoding (H.264 + AAC):                    {t['encoding']:8.2f} s")
+    print(f"  total:                                     {t['total']:8.2f} s  "
+          f"({t['frames_per_second']:.2f} frames/s)")
+    if not real:
+        print("NOTE: SYNTHETIC random weights: the timings are real, the lips are noise, not speech.")
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", preferred)) != 0:
+            return preferred
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ports() -> Ports:
+    default = Ports()
+    return default if all(_free_port(p) == p for p in (default.http, default.grpc, default.metrics)) \
+        else Ports.free()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

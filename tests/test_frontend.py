@@ -1,0 +1,247 @@
+"""POST /onnx-infer end to end: real local Triton, a real photo, real speech, the real mp4."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import av
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from fastapi.testclient import TestClient
+
+from frontend.app import create_app
+from frontend.avatars import AvatarStore
+from frontend.settings import Settings
+from triton_local.server import LocalTriton, Ports
+
+SPEECH_SECONDS = 122505 / 22050  # the fixture's length
+
+
+@pytest.fixture(scope="module")
+def settings(triton, tmp_path_factory):
+    return Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path_factory.mktemp("avatars"),
+                    max_audio_seconds=20, max_upload_mb=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def api(settings, face_png):
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/avatars", data={"avatar_id": "astronaut"},
+                               files={"file": ("astronaut.png", face_png, "image/png")})
+        assert response.status_code == 201, response.text
+        yield client
+
+
+def post_speech(api, speech_bytes, name="speech.flac", **form):
+    return api.post("/onnx-infer", data={"avatar_id": "astronaut", **form},
+                    files={"audio_file": (name, speech_bytes)})
+
+
+def decode_video(data: bytes):
+    with av.open(io.BytesIO(data)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio
+        frames = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+        info = {
+            "fps": float(video.average_rate), "codec": video.codec_context.name,
+            "pix_fmt": video.codec_context.format.name,
+            "audio": [(a.codec_context.name, float(a.duration * a.time_base)) for a in audio],
+            "duration": container.duration / 1e6,
+        }
+    return frames, info
+
+
+@pytest.mark.parametrize("fps", [25, 12])
+def test_speech_becomes_a_lip_synced_video(api, speech_bytes, face_image, fps):
+    response = post_speech(api, speech_bytes, fps=str(fps))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "video/mp4"
+    expected = math.floor(SPEECH_SECONDS * fps)
+    assert int(response.headers["x-frame-count"]) == expected
+    timings = json.loads(response.headers["x-timings"])
+    assert timings["frames"] == expected and timings["total"] > 0
+
+    frames, info = decode_video(response.content)
+    assert len(frames) == expected  # floor(seconds * fps): no frame dropped
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+    assert info["fps"] == fps
+    assert info["audio"] and info["audio"][0][0] == "aac"
+    assert abs(info["audio"][0][1] - SPEECH_SECONDS) < 0.1
+    assert abs(info["duration"] - SPEECH_SECONDS) < 0.1
+
+    # Outside the face box every pixel is the avatar's own (up to H.264's loss);
+    # inside its lower half the generated face was blended in.
+    box = api.app.state.store.load("astronaut").boxes[0]
+    outside = np.ones(face_image.shape[:2], bool)
+    outside[box.y1 : box.y2, box.x1 : box.x2] = False
+    frame = frames[len(frames) // 2].astype(int)
+    assert np.abs(frame - face_image)[outside].mean() < 3
+    mouth = (slice(box.y1 + box.height * 3 // 4, box.y2 - 12), slice(box.x1 + box.width // 3, box.x2 - box.width // 3))
+    assert np.abs(frame[mouth] - face_image[mouth]).mean() > 10
+
+
+def test_skip_save_images_answers_timings(api, speech_bytes):
+    response = post_speech(api, speech_bytes, skip_save_images="true", fps="30")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["frames"] == math.floor(SPEECH_SECONDS * 30)
+    assert body["encoding"] == 0 and body["frames_per_second"] > 0
+    for stage in ("audio_features", "waiting_for_triton", "blending", "total"):
+        assert stage in body
+
+
+def test_concurrent_requests_all_succeed(api, speech_bytes):
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda _: post_speech(api, speech_bytes, skip_save_images="true"),
+                                  range(3)))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+
+
+def test_avatar_crud_and_restart_keeps_it(api, settings, face_png):
+    listed = api.get("/avatars").json()
+    assert "astronaut" in [a["id"] for a in listed["avatars"]]
+    meta = api.get("/avatars/astronaut").json()
+    assert meta["width"] == 512 and meta["frames"] == 1
+    assert AvatarStore(settings.avatar_dir).load("astronaut").latents.shape == (1, 8, 32, 32)
+
+    created = api.post("/avatars", data={"avatar_id": "temp"},
+                       files={"file": ("a.png", face_png, "image/png")})
+    assert created.status_code == 201
+    duplicate = api.post("/avatars", data={"avatar_id": "temp"},
+                         files={"file": ("a.png", face_png, "image/png")})
+    assert duplicate.status_code == 409 and "already exists" in duplicate.json()["error"]
+    assert api.delete("/avatars/temp").json() == {"deleted": "temp"}
+    assert api.get("/avatars/temp").status_code == 404
+
+
+def test_video_avatar_cycles_ping_pong(api, face_image, speech_bytes):
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        for i in range(4):  # the astronaut drifting right by 2 px a frame
+            frame = np.roll(face_image, 2 * i, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    created = api.post("/avatars", data={"avatar_id": "drift"},
+                       files={"file": ("drift.mp4", buffer.getvalue(), "video/mp4")})
+    assert created.status_code == 201, created.text
+    avatar = api.app.state.store.load("drift")
+    assert len(avatar.frames) == 4
+    assert [avatar.cycle_index(i) for i in range(10)] == [0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
+    assert avatar.boxes[3].x1 > avatar.boxes[0].x1  # the box follows the face
+    response = post_speech(api, speech_bytes, avatar_id="drift", skip_save_images="true")
+    assert response.status_code == 200
+    api.delete("/avatars/drift")
+
+
+def assert_still_serving(api, speech_bytes):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert post_speech(api, speech_bytes, skip_save_images="true").status_code == 200
+
+
+def no_leftovers(settings) -> bool:
+    return not list(settings.avatar_dir.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("empty", 422, "empty"),
+    ("truncated", 422, "decode"),
+    ("not audio", 422, "cannot decode"),
+    ("too long", 422, "limit is 20 s"),
+    ("too large", 413, "limit"),
+    ("fps 0", 422, "fps"),
+    ("fps 61", 422, "fps"),
+    ("unknown avatar", 404, "unknown avatar"),
+    ("path traversal", 422, "invalid avatar id"),
+    ("batch 0", 422, "batch_size"),
+])
+def test_bad_requests_are_clear_json_errors(api, settings, speech_bytes, case, status, message):
+    audio, form = speech_bytes, {}
+    if case == "empty":
+        audio = b""
+    elif case == "truncated":
+        audio = speech_bytes[:50]
+    elif case == "not audio":
+        audio = b"%PDF-1.4 definitely not speech" * 100
+    elif case == "too long":
+        audio = _long_wav(25)
+    elif case == "too large":
+        audio = b"\0" * (3 * 2**20)
+    elif case.startswith("fps"):
+        form["fps"] = case.split()[1]
+    elif case == "unknown avatar":
+        form["avatar_id"] = "nobody"
+    elif case == "path traversal":
+        form["avatar_id"] = "../../etc"
+    elif case == "batch 0":
+        form["batch_size"] = "0"
+    response = post_speech(api, audio, **form)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert no_leftovers(settings)
+    assert_still_serving(api, speech_bytes)
+
+
+def _long_wav(seconds: int) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(8000 * seconds, np.float32), 8000, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("upload, avatar_id, status, message", [
+    ("no face", "coffee", 422, "no face found in the image"),
+    ("not media", "junk", 422, "cannot read the avatar file"),
+    ("face", "../evil", 422, "invalid avatar id"),
+    ("face", "has space", 422, "invalid avatar id"),
+])
+def test_bad_avatars_are_clear_json_errors(api, settings, face_png, speech_bytes,
+                                           upload, avatar_id, status, message):
+    data = {"no face": cv2.imencode(".png", skimage.data.coffee())[1].tobytes(),
+            "not media": b"plain text, no pixels" * 50, "face": face_png}[upload]
+    response = api.post("/avatars", data={"avatar_id": avatar_id}, files={"file": ("x", data)})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert not (settings.avatar_dir / avatar_id).exists() or avatar_id.startswith("..")
+    assert no_leftovers(settings)
+    assert_still_serving(api, speech_bytes)
+
+
+def test_video_without_faces_names_the_frames(api):
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 400, 400, "yuv420p"
+        for _ in range(3):
+            frame = cv2.resize(cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR), (400, 400))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    response = api.post("/avatars", data={"avatar_id": "cups"},
+                        files={"file": ("cups.mp4", buffer.getvalue())})
+    assert response.status_code == 422
+    assert "no face found in 3 of 3 frames (frame 0, 1, 2)" in response.json()["error"]
+
+
+def test_triton_down_is_503_and_recovers_without_restart(api, settings, speech_bytes, triton):
+    ports = Ports.free()
+    down = Settings(triton_url=f"localhost:{ports.grpc}", avatar_dir=settings.avatar_dir)
+    with TestClient(create_app(down)) as down_api:
+        ready = down_api.get("/readyz")
+        assert ready.status_code == 503 and "not reachable" in ready.json()["error"]
+        failed = post_speech(down_api, speech_bytes)
+        assert failed.status_code == 503 and "unavailable" in failed.json()["error"]
+
+        # The server comes up on the address the front end was given.
+        with LocalTriton(triton.repository, ports, log_file=triton.log_file.with_name("triton-2.log")):
+            assert down_api.get("/readyz").status_code == 200
+            assert post_speech(down_api, speech_bytes, skip_save_images="true").status_code == 200

@@ -1,0 +1,144 @@
+"""The REAL local tritonserver: readiness, the ensemble, batching, the client SDK's errors."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+
+from client import (
+    AsyncMuseTalkClient,
+    InvalidInput,
+    ModelNotFound,
+    MuseTalkClient,
+    ServerUnavailable,
+    specs,
+)
+from conftest import ROOT
+from export.onnx_export import model_path
+from triton_local.server import Ports
+
+rng = np.random.default_rng(7)
+
+
+def frames(n: int):
+    return (rng.standard_normal((n, 50, 384)).astype(np.float32),
+            rng.standard_normal((n, 8, 32, 32)).astype(np.float32))
+
+
+def local_chain(repo, audio, latents):
+    """onnxruntime on the same three ONNX files, chained by hand."""
+    run = {n: ort.InferenceSession(str(model_path(repo, n)), providers=["CPUExecutionProvider"])
+           for n in ("positional_encoding", "unet", "vae_decoder")}
+    embedded = run["positional_encoding"].run(None, {"audio_chunk": audio})[0]
+    pred = run["unet"].run(None, {"latents": latents, "audio_embedding": embedded})[0]
+    return run["vae_decoder"].run(None, {"pred_latents": pred})[0]
+
+
+def test_every_model_and_the_ensemble_are_ready(triton):
+    with MuseTalkClient(triton.grpc_url) as client:
+        assert client.server_ready()
+        for name in specs.MODELS:
+            assert client.model_ready(name), name
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ensemble_returns_what_onnxruntime_computes(triton, tiny_onnx, protocol):
+    audio, latents = frames(5)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with MuseTalkClient(url, protocol) as client:
+        faces = client.musetalk(audio, latents)
+    assert faces.shape == (5, 256, 256, 3) and faces.dtype == np.uint8
+    expected = local_chain(tiny_onnx, audio, latents)
+    assert np.abs(faces.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_inputs_over_max_batch_are_split_and_kept_in_order(triton, tiny_onnx):
+    audio, latents = frames(specs.MUSETALK.max_batch_size + 7)
+    with MuseTalkClient(triton.grpc_url, max_in_flight=3) as client:
+        faces = client.musetalk(audio, latents)
+    expected = local_chain(tiny_onnx, audio, latents)
+    assert faces.shape[0] == len(audio)
+    assert np.abs(faces.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_shared_memory_gives_the_same_answer(triton):
+    audio, latents = frames(3)
+    with MuseTalkClient(triton.grpc_url) as plain, \
+            MuseTalkClient(triton.grpc_url, shared_memory=True) as shm:
+        np.testing.assert_array_equal(shm.musetalk(audio, latents), plain.musetalk(audio, latents))
+        np.testing.assert_array_equal(shm.unet(latents, audio), plain.unet(latents, audio))
+
+
+def test_asyncio_client(triton):
+    audio, latents = frames(4)
+
+    async def run():
+        async with AsyncMuseTalkClient(triton.http_url, "http") as client:
+            return await client.musetalk(audio, latents), await client.statistics("unet")
+
+    faces, stats = asyncio.run(run())
+    assert faces.shape == (4, 256, 256, 3) and int(stats["inference_count"]) > 0
+
+
+def test_dynamic_batching_merges_concurrent_requests(triton):
+    with MuseTalkClient(triton.grpc_url) as client:
+        before = client.statistics("unet")
+        audio, latents = frames(1)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: client.musetalk(audio, latents), range(32)))
+        after = client.statistics("unet")
+    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert inferences == 32
+    assert executions < inferences, f"{executions} executions for {inferences} inferences"
+
+
+def test_bad_inputs_are_clear_client_errors(triton):
+    audio, latents = frames(2)
+    with MuseTalkClient(triton.grpc_url) as client:
+        with pytest.raises(InvalidInput, match="latents.*shape"):
+            client.unet(latents[:, :4], audio)
+        with pytest.raises(InvalidInput, match="float32"):
+            client.unet(latents.astype(np.float64), audio)
+        with pytest.raises(InvalidInput, match="batch size"):
+            client.unet(latents, audio[:1])
+        with pytest.raises(ModelNotFound, match="no_such_model"):
+            client.infer("no_such_model", {"x": audio})
+
+
+def test_server_side_rejections_are_translated(triton):
+    """Requests that bypass the SDK's own checks: Triton's refusals become InvalidInput."""
+    from client.errors import translate
+
+    raw = grpcclient.InferenceServerClient(triton.grpc_url)
+    wrong = grpcclient.InferInput("latents", [1, 8, 32, 31], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 8, 32, 31), np.float32))
+    audio = grpcclient.InferInput("audio_embedding", [1, 50, 384], "FP32")
+    audio.set_data_from_numpy(np.zeros((1, 50, 384), np.float32))
+    with pytest.raises(Exception) as caught:
+        raw.infer("unet", [wrong, audio])
+    assert isinstance(translate(caught.value, "unet"), InvalidInput)
+
+
+def test_unreachable_server_is_a_clear_error():
+    port = Ports.free().grpc
+    with MuseTalkClient(f"localhost:{port}", timeout_s=5) as client:
+        assert not client.server_ready()
+        with pytest.raises(ServerUnavailable, match="cannot reach"):
+            client.musetalk(*frames(1))
+
+
+def test_perf_analyzer_measures_the_ensemble(triton):
+    """The perf_analyzer command the README documents works against the local server."""
+    from benchmarks.perf_analyzer import perf_analyzer_command, run
+
+    command = perf_analyzer_command("musetalk", triton.grpc_url, "grpc", concurrency="1",
+                                    batch_size=1, measurement_ms=1500)
+    out = run(command, timeout=300)
+    assert "Throughput" in out
