@@ -154,13 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     protocols = args.protocols.split(",")
     server = None
     if args.local:
-        from triton_local.repository import generate
-        from triton_local.runtimes import DEFAULT_RUNTIMES
-        from triton_local.server import LocalTriton, Ports
+        from triton_local.launch import start
+        from triton_local.server import Ports
 
-        target_dir = BUILD / "perf_repository"
-        generate(target_dir, args.onnx_repository, DEFAULT_RUNTIMES)
-        server = LocalTriton(target_dir, Ports.free()).start()
+        server = start(args.onnx_repository, Ports.free(), BUILD / "perf_repository")
         grpc_url, http_url = server.grpc_url, server.http_url
     else:
         host, port = args.url.rsplit(":", 1)

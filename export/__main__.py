@@ -12,7 +12,8 @@ from pathlib import Path
 
 from export.checkpoints import UNET_FILES, CheckpointError, WeightSource
 from export.onnx_configs import CONFIGS
-from export.onnx_export import ParityError, export_network
+from export import precision
+from export.onnx_export import ParityError, export_network, model_path
 from export.resources import gib
 
 BANNER = """\
@@ -81,9 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(result.parity.lines()))
         print(f"{tag}: done in {result.seconds:.1f} s, peak RSS {gib(result.peak_rss_bytes)}, "
               f"{result.file_bytes / 1e6:.1f} MB -> {result.path}", flush=True)
+    loaded.clear()
+    gate_reduced_precision(args.repository)
     if source.synthetic:
         print("Exported with SYNTHETIC weights (see banner above).")
     return 0
+
+
+def gate_reduced_precision(repository: Path) -> None:
+    """Measure (once per export) whether the CPU server may run unet + vae_decoder in bf16."""
+    if not all(model_path(repository, n).is_file() for n in precision.GATED):
+        return
+    psnr = precision.recorded_psnr(repository)
+    if psnr is None:
+        print("[gate] bf16 core: OpenVINO bf16 unet -> vae_decoder vs onnxruntime fp32...", flush=True)
+        psnr = precision.measure_bf16_core(repository)
+        precision.record(repository, psnr)
+    verdict = "passes" if psnr >= precision.GATE_DB else "FAILS"
+    runs = "bf16 (OpenVINO)" if psnr >= precision.GATE_DB else "fp32 (onnxruntime)"
+    print(f"[gate] bf16 core face PSNR {psnr:.1f} dB {verdict} the {precision.GATE_DB:g} dB gate: "
+          f"the CPU server runs unet and vae_decoder in {runs}")
 
 
 if __name__ == "__main__":

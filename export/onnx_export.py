@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,23 +21,19 @@ import onnx
 import torch
 
 from export.checkpoints import WeightSource
+from export.layout import DATA_FILE, model_path
 from export.onnx_configs import OnnxConfig
 from export.resources import PeakMemory
 
 # Bump when a graph changes in a way the weights key cannot see.
-EXPORT_FORMAT = 3
+EXPORT_FORMAT = 4
 OPSET = 17
 METADATA_KEY = "musetalk.export"
 PARITY_BATCHES = (1, 3)
-DATA_FILE = "model.onnx.data"
 
 
 class ParityError(RuntimeError):
     """The exported graph does not compute what its PyTorch module computes."""
-
-
-def model_path(repository: Path, name: str) -> Path:
-    return Path(repository) / name / "1" / "model.onnx"
 
 
 @dataclass
@@ -132,7 +129,9 @@ def _torch_export(config: OnnxConfig, module: torch.nn.Module, path: Path) -> No
     # TorchScript exporter is used: it wrote the full UNet in 33 s where the
     # dynamo exporter took longer and its session needed more memory.
     sample = config.sample(2, torch.Generator().manual_seed(0))
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), ExitStack() as rewritten:
+        for rewrite in config.rewrites:
+            rewritten.enter_context(rewrite(module))
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, sample, str(path),

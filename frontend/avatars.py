@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -118,12 +119,13 @@ def _describe_frames(indices: list[int], total: int) -> str:
 
 
 class AvatarStore:
-    """Avatars on disk, one folder each, written atomically; loaded ones cached."""
+    """Avatars on disk, one folder each, written atomically; the last few used stay in memory."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cached: int = 8):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, Avatar] = {}
+        self._cache: OrderedDict[str, Avatar] = OrderedDict()
+        self._cached = cached
         self._lock = threading.Lock()
         # A crash mid-save leaves only a staging folder: never a half avatar.
         for leftover in self.root.glob(".staging-*"):
@@ -149,13 +151,14 @@ class AvatarStore:
                 if target.exists():
                     raise AvatarError(f"avatar {avatar.id!r} already exists; delete it first", 409)
                 staging.rename(target)  # atomic: the avatar appears whole or not at all
-                self._cache[avatar.id] = avatar
+                self._remember(avatar)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def load(self, avatar_id: str) -> Avatar:
         with self._lock:
             if avatar_id in self._cache:
+                self._cache.move_to_end(avatar_id)
                 return self._cache[avatar_id]
         folder = self.path(avatar_id)
         if not self.exists(avatar_id):
@@ -171,7 +174,14 @@ class AvatarStore:
             json.loads((folder / "meta.json").read_text()),
         )
         with self._lock:
-            return self._cache.setdefault(avatar_id, avatar)
+            return self._remember(self._cache.get(avatar_id, avatar))
+
+    def _remember(self, avatar: Avatar) -> Avatar:
+        self._cache[avatar.id] = avatar
+        self._cache.move_to_end(avatar.id)
+        while len(self._cache) > self._cached:
+            self._cache.popitem(last=False)
+        return avatar
 
     def list(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/meta.json"))

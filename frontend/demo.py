@@ -23,7 +23,8 @@ import soundfile
 from tqdm import tqdm
 
 from export.__main__ import main as export_main
-from frontend.stack import FrontEnd, start_triton
+from frontend.stack import FrontEnd
+from triton_local.launch import start as start_triton
 from triton_local.server import BUILD, Ports
 
 ASSETS = Path(__file__).resolve().parent / "assets"

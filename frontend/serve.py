@@ -14,7 +14,8 @@ from pathlib import Path
 
 import cv2
 
-from frontend.stack import FrontEnd, start_triton
+from frontend.stack import FrontEnd
+from triton_local.launch import start as start_triton
 from triton_local.server import BUILD, Ports
 
 

@@ -113,3 +113,28 @@ def test_unet_has_timestep_zero_baked_in(tiny_onnx):
     got = session.run(None, {"latents": latents.numpy(), "audio_embedding": audio.numpy()})[0]
     assert [i.name for i in session.get_inputs()] == ["latents", "audio_embedding"]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_subpixel_upsample_computes_nearest_upsample_then_conv():
+    from diffusers.models.upsampling import Upsample2D
+
+    from export.rewrites import SubpixelUpsample, subpixel_upsampling
+
+    torch.manual_seed(0)
+    upsample = Upsample2D(16, use_conv=True, out_channels=24).eval()
+    x = torch.randn(2, 16, 7, 9)  # odd sizes: every border phase is exercised
+    with torch.no_grad():
+        expected, got = upsample(x), SubpixelUpsample(upsample)(x)
+    assert got.shape == expected.shape == (2, 24, 14, 18)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    holder = torch.nn.Sequential(upsample)
+    with subpixel_upsampling(holder):
+        assert isinstance(holder[0], SubpixelUpsample)
+    assert holder[0] is upsample  # restored after export
+
+
+@pytest.mark.parametrize("name", ["unet", "vae_decoder"])
+def test_upsampling_ships_as_subpixel_convs(tiny_onnx, name):
+    graph = onnx.load(str(model_path(tiny_onnx, name)), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "Resize"]

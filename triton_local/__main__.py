@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from triton_local.repository import SOURCE, generate
-from triton_local.runtimes import DEFAULT_RUNTIMES
-from triton_local.server import BUILD, LocalTriton, Ports, ServerError
+from triton_local.launch import start
+from triton_local.repository import SOURCE
+from triton_local.server import BUILD, Ports, ServerError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,26 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
-        models = generate(args.target, args.onnx_repository, DEFAULT_RUNTIMES)
-    except FileNotFoundError as error:
+        server = start(args.onnx_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
+                       args.target)
+    except (FileNotFoundError, ServerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    server = LocalTriton(args.target, Ports(args.http_port, args.grpc_port, args.metrics_port))
-    print(f"starting tritonserver with {', '.join(models)} (log: {server.log_file})...", flush=True)
-    started = time.perf_counter()
-    try:
-        server.start()
-    except ServerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(
-        f"READY in {time.perf_counter() - started:.1f} s, "
-        f"{server.resident_bytes() / 2**30:.2f} GiB resident\n"
-        f"  HTTP     http://{server.http_url}\n"
-        f"  gRPC     {server.grpc_url}\n"
-        f"  metrics  http://localhost:{server.ports.metrics}/metrics\n"
-        "Ctrl-C stops it.", flush=True,
-    )
+    print("Ctrl-C stops it.", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while server.process.poll() is None:

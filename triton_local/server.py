@@ -171,13 +171,7 @@ class LocalTriton:
 
     def ready(self) -> bool:
         """True when the server and every model in its repository are ready."""
-        try:
-            with urllib.request.urlopen(
-                f"http://{self.http_url}/v2/health/ready", timeout=2
-            ) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        return http_ok(f"http://{self.http_url}/v2/health/ready")
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -209,6 +203,15 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def http_ok(url: str) -> bool:
+    """True when `url` answers 200 (readiness probes: anything else means not yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
 
 
 def _listening(port: int) -> bool:

@@ -1,0 +1,249 @@
+"""How much faster is ONNX? PyTorch eager vs onnxruntime / OpenVINO on the same weights.
+
+    python -m benchmarks.onnx_vs_pytorch                     # full size, batches 1, 4, 16
+    python -m benchmarks.onnx_vs_pytorch --profile tiny --batches 1,4 --repeats 2
+
+Every network of the repository's exported ONNX files is timed against the
+PyTorch module it was exported from (the same weights: the ONNX files' export
+key must match), in one process, interleaved: each repetition runs every
+backend once, in rotating order, so machine noise hits all of them. The core
+is what every video frame costs: positional_encoding + unet + vae_decoder.
+Errors are measured against PyTorch fp32: relative L2 for float outputs, PSNR
+of the uint8 face (against PyTorch fp32's face) for the decoder.
+
+On a CUDA machine the backends are PyTorch fp32 and fp16, and onnxruntime's
+CUDA and TensorRT (fp16) providers; on a CPU, PyTorch fp32 and bf16 autocast,
+onnxruntime's CPU provider and OpenVINO in fp32 and bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from export.checkpoints import WeightSource
+from export.onnx_configs import CONFIGS
+from export.onnx_export import export_key, model_path, recorded_key
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CORE = ("positional_encoding", "unet", "vae_decoder")
+
+
+@dataclass
+class Backend:
+    name: str
+    run: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def pytorch(module, dtype=None, device="cpu") -> Callable:
+    module = module.to(device)
+    if dtype is torch.float16:
+        module = module.half()
+
+    def run(inputs):
+        tensors = [torch.from_numpy(x).to(device) for x in inputs]
+        if dtype is torch.float16:
+            tensors = [t.half() if t.is_floating_point() else t for t in tensors]
+        with torch.no_grad(), torch.autocast(device, dtype=dtype or torch.float32,
+                                             enabled=dtype is torch.bfloat16):
+            out = module(*tensors)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out = out if isinstance(out, tuple) else (out,)
+        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in out]
+
+    return run
+
+
+def onnxruntime_session(path: Path, providers: list) -> Callable:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=providers)
+    names = [i.name for i in session.get_inputs()]
+    return lambda inputs: session.run(None, dict(zip(names, inputs)))
+
+
+def openvino_model(path: Path, precision: str) -> Callable:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+
+    def run(inputs):
+        results = request.infer(dict(zip(names, inputs)))
+        return [np.array(results[o]) for o in compiled.outputs]
+
+    return run
+
+
+def backends_for(module, path: Path, cuda: bool) -> list[Backend]:
+    if cuda:
+        trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                             "trt_engine_cache_path": str(RESULTS.parent / ".trt_cache")})
+        return [
+            Backend("pytorch-fp32", pytorch(module, device="cuda")),
+            Backend("pytorch-fp16", pytorch(module, torch.float16, "cuda")),
+            Backend("onnxruntime-cuda-fp32", onnxruntime_session(path, ["CUDAExecutionProvider"])),
+            Backend("onnxruntime-tensorrt-fp16", onnxruntime_session(path, [trt, "CUDAExecutionProvider"])),
+        ]
+    return [
+        Backend("pytorch-fp32", pytorch(module)),
+        Backend("pytorch-bf16", pytorch(module, torch.bfloat16)),
+        Backend("onnxruntime-fp32", onnxruntime_session(path, ["CPUExecutionProvider"])),
+        Backend("openvino-fp32", openvino_model(path, "f32")),
+        Backend("openvino-bf16", openvino_model(path, "bf16")),
+    ]
+
+
+def error(reference: np.ndarray, value: np.ndarray) -> dict:
+    if value is reference:
+        return {"reference": True}
+    if reference.dtype == np.uint8:
+        mse = np.mean((reference.astype(np.float64) - value.astype(np.float64)) ** 2)
+        return {"face_psnr_db": round(float(10 * np.log10(255**2 / max(mse, 1e-10))), 1)}
+    rel = np.linalg.norm(value.astype(np.float64) - reference) / max(np.linalg.norm(reference), 1e-30)
+    return {"rel_l2": float(f"{rel:.2e}")}
+
+
+def measure(name: str, source: WeightSource, repository: Path, batches: list[int], repeats: int,
+            cuda: bool) -> list[dict]:
+    config = CONFIGS[name]
+    path = model_path(repository, name)
+    if recorded_key(path) != export_key(config, source):
+        raise SystemExit(f"{path} was not exported from these weights: run "
+                         f"`python -m export ...` with the same --weights/--synthetic/--profile first")
+    module = config.build(source.load(config.component) if config.component else None).eval()
+    backends = backends_for(module, path, cuda)
+    rows = []
+    for batch in batches:
+        inputs = [t.numpy() for t in config.sample(batch, torch.Generator().manual_seed(batch))]
+        outputs = {b.name: b.run(inputs)[0] for b in backends}  # warm-up, and the outputs compared
+        reference = outputs[backends[0].name]
+        times = {b.name: [] for b in backends}
+        for r in range(repeats):
+            for b in backends[r % len(backends):] + backends[: r % len(backends)]:
+                started = time.perf_counter()
+                b.run(inputs)
+                times[b.name].append(time.perf_counter() - started)
+        base = statistics.median(times[backends[0].name])
+        for b in backends:
+            ms = statistics.median(times[b.name]) * 1000
+            rows.append({"network": name, "backend": b.name, "batch": batch,
+                         "ms_per_call": round(ms, 2), "ms_per_frame": round(ms / batch, 2),
+                         "speedup": round(base * 1000 / ms, 2),
+                         **error(reference, outputs[b.name])})
+            print(f"  {name:20s} batch {batch:3d} {b.name:26s} {ms / batch:9.1f} ms/frame "
+                  f"x{rows[-1]['speedup']:5.2f}  {json.dumps(error(reference, outputs[b.name]))}",
+                  flush=True)
+    return rows
+
+
+def core_rows(rows: list[dict]) -> list[dict]:
+    """Per-frame cost of positional_encoding + unet + vae_decoder, per backend and batch."""
+    out = []
+    keys = sorted({(r["backend"], r["batch"]) for r in rows if r["network"] in CORE})
+    for backend, batch in keys:
+        parts = [r for r in rows if r["network"] in CORE and r["backend"] == backend and r["batch"] == batch]
+        if len(parts) == len(CORE):
+            face = next(r for r in parts if r["network"] == "vae_decoder")
+            out.append({"network": "core", "backend": backend, "batch": batch,
+                        "ms_per_frame": round(sum(r["ms_per_frame"] for r in parts), 1),
+                        "face_psnr_db": face.get("face_psnr_db", "reference")})
+    reference = rows[0]["backend"]  # the first backend measured: PyTorch fp32
+    for row in out:
+        base = next(r for r in out if r["batch"] == row["batch"] and r["backend"] == reference)
+        row["speedup"] = round(base["ms_per_frame"] / row["ms_per_frame"], 2)
+    return sorted(out, key=lambda r: (r["batch"], -r["ms_per_frame"]))
+
+
+def machine(cuda: bool) -> str:
+    if cuda:
+        return torch.cuda.get_device_name(0)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def write(rows: list[dict], core: list[dict], args, invocation: str, cuda: bool) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"onnx_vs_pytorch_{args.profile}_{'cuda' if cuda else 'cpu'}"
+    versions = {m: __import__(m).__version__ for m in ("torch", "onnxruntime", "openvino")}
+    header = [f"# ONNX vs PyTorch ({args.profile} profile, {'CUDA' if cuda else 'CPU'})", "",
+              f"- produced by: `{invocation}`", f"- machine: {machine(cuda)}",
+              f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
+              f"- weights: {'synthetic (random values: real timings, no lip sync)' if args.synthetic else 'checkpoints'}",
+              f"- median of {args.repeats} interleaved runs after a warm-up; date {time.strftime('%Y-%m-%d')}", "",
+              "## The per-frame core (positional_encoding + unet + vae_decoder)", "",
+              "| batch | backend | ms per frame | speed-up vs PyTorch fp32 | face PSNR vs PyTorch fp32 |",
+              "|---|---|---|---|---|"]
+    lines = header + [f"| {r['batch']} | {r['backend']} | {r['ms_per_frame']:.0f} | {r['speedup']:.2f}x | "
+                      f"{_psnr(r.get('face_psnr_db', 'reference'))} |" for r in core]
+    lines += ["", "## Each network", "",
+              "| network | batch | backend | ms per call | ms per frame | speed-up | error vs PyTorch fp32 |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['batch']} | {r['backend']} | {r['ms_per_call']:.1f} | "
+              f"{r['ms_per_frame']:.1f} | {r['speedup']:.2f}x | "
+              f"{_error_text(r)} |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "core": core}, indent=2))
+    return stem.with_suffix(".md")
+
+
+def _psnr(value) -> str:
+    return "reference" if value == "reference" else f"{value} dB"
+
+
+def _error_text(row: dict) -> str:
+    if row.get("reference"):
+        return "reference"
+    return f"face PSNR {row['face_psnr_db']} dB" if "face_psnr_db" in row else f"rel-L2 {row['rel_l2']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_vs_pytorch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", type=Path, help="checkpoints the ONNX files were exported from")
+    src.add_argument("--synthetic", action="store_true", default=True)
+    p.add_argument("--profile", choices=["full", "tiny"], default="full")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--networks", default=",".join(CONFIGS))
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--encoder-batches", default="1,4",
+                   help="batches for audio_encoder and vae_encoder (not per-frame networks)")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.weights:
+        args.synthetic = False
+    invocation = "python -m benchmarks.onnx_vs_pytorch " + shlex.join(argv if argv is not None else sys.argv[1:])
+    cuda = torch.cuda.is_available()
+    source = WeightSource(args.weights, args.profile)
+    rows = []
+    for name in args.networks.split(","):
+        batches = args.batches if name in CORE else args.encoder_batches
+        print(f"{name}:", flush=True)
+        rows += measure(name, source, args.repository, [int(b) for b in batches.split(",")],
+                        args.repeats, cuda)
+    core = core_rows(rows)
+    print("\ncore (positional_encoding + unet + vae_decoder), per frame:")
+    for r in core:
+        print(f"  batch {r['batch']:3d} {r['backend']:26s} {r['ms_per_frame']:9.1f} ms  x{r['speedup']:.2f}  "
+              f"face PSNR {r['face_psnr_db']} dB")
+    print(f"results: {write(rows, core, args, invocation, cuda)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Generate the local repository and start tritonserver on it, showing models come up.
+
+The one way the local server is started: by `make triton`, `make serve`, the
+demo and the perf_analyzer benchmark alike.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from client import specs
+from triton_local.repository import generate
+from triton_local.runtimes import describe, runtimes_for
+from triton_local.server import BUILD, LocalTriton, Ports, http_ok
+
+
+def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / "triton_repository",
+          progress: bool = True) -> LocalTriton:
+    runtimes = runtimes_for(onnx_repository)
+    generate(target, onnx_repository, runtimes)
+    print(f"local repository {target}: {describe(runtimes)}", flush=True)
+    server = LocalTriton(target, ports)
+    started = time.perf_counter()
+    with tqdm(total=len(specs.MODELS), desc="tritonserver: models ready", unit="model",
+              disable=not progress) as bar:
+        done = threading.Event()
+
+        def follow():
+            while not done.wait(0.5):
+                ready = sum(http_ok(f"http://{server.http_url}/v2/models/{m}/ready") for m in specs.MODELS)
+                bar.update(max(0, ready - bar.n))
+
+        watcher = threading.Thread(target=follow, daemon=True)
+        watcher.start()
+        try:
+            server.start()
+        finally:
+            done.set()
+            watcher.join()
+        bar.update(bar.total - bar.n)
+    print(f"tritonserver ready in {time.perf_counter() - started:.1f} s "
+          f"({server.resident_bytes() / 2**30:.2f} GiB resident)\n"
+          f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
+          f"  metrics  http://localhost:{server.ports.metrics}/metrics", flush=True)
+    return server
+
