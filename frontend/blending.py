@@ -49,18 +49,9 @@ def blend_mask(landmarks: np.ndarray, box: FaceBox) -> np.ndarray:
 
 
 def blend_into(region: np.ndarray, face: np.ndarray, mask: np.ndarray) -> None:
-    """Blend the 256x256 `face`, resized to `region` (bilinear, as upstream), into it."""
-    resized = cv2.resize(face, (region.shape[1], region.shape[0]))
-    weight = mask[..., None].astype(np.uint16)
-    mixed = resized.astype(np.uint16) * weight + region.astype(np.uint16) * (255 - weight)
-    region[:] = ((mixed + 127) // 255).astype(np.uint8)
-
-
-def blend(frame: np.ndarray, face: np.ndarray, box: FaceBox, mask: np.ndarray) -> np.ndarray:
-    """A copy of the BGR `frame` with `face` blended into `box`."""
-    out = frame.copy()
-    blend_into(out[box.y1 : box.y2, box.x1 : box.x2], face, mask)
-    return out
+    """region = face * mask + region * (1 - mask), with `mask` uint8 (255 = all face)."""
+    weight = mask.astype(np.float32) * (1 / 255)
+    region[:] = cv2.blendLinear(face, region, weight, 1 - weight)
 
 
 def i420_planes(i420: np.ndarray, height: int, width: int):
@@ -90,6 +81,7 @@ class Compositor:
         self.masks = masks
         self.height, self.width = frames[0].shape[:2]
         self._i420: dict[int, np.ndarray] = {}
+        self._top: dict[int, int] = {}
 
     def i420(self, index: int) -> np.ndarray:
         if index not in self._i420:
@@ -97,17 +89,29 @@ class Compositor:
         return self._i420[index]
 
     def compose(self, index: int, face: np.ndarray) -> np.ndarray:
-        """I420 of avatar frame `index` with the generated `face` blended in."""
-        box = self.boxes[index]
-        x1, y1 = box.x1 - box.x1 % 2, box.y1 - box.y1 % 2
-        x2, y2 = box.x2 + box.x2 % 2, box.y2 + box.y2 % 2
-        patch = np.array(self.frames[index][y1:y2, x1:x2])
-        blend_into(patch[box.y1 - y1 : box.y2 - y1, box.x1 - x1 : box.x2 - x1], face,
-                   self.masks[index])
+        """I420 of avatar frame `index` with the generated 256x256 `face` blended in."""
+        box, mask = self.boxes[index], self.masks[index]
+        top = self._first_blended_row(index)
         out = self.i420(index).copy()
-        patch_planes = i420_planes(cv2.cvtColor(patch, cv2.COLOR_BGR2YUV_I420), y2 - y1, x2 - x1)
+        if top == box.height:
+            return out  # an empty mask: nothing of the face is kept
+        # Only rows from `top` change (the mask keeps the lower face), widened to
+        # even coordinates so that whole chroma samples are rewritten.
+        y1, x1 = box.y1 + top, box.x1
+        py1, px1 = y1 - y1 % 2, x1 - x1 % 2
+        py2, px2 = box.y2 + box.y2 % 2, box.x2 + box.x2 % 2
+        patch = np.array(self.frames[index][py1:py2, px1:px2])
+        resized = cv2.resize(face, (box.width, box.height))  # bilinear, as upstream
+        blend_into(patch[y1 - py1 : box.y2 - py1, x1 - px1 : box.x2 - px1], resized[top:], mask[top:])
+        patch_planes = i420_planes(cv2.cvtColor(patch, cv2.COLOR_BGR2YUV_I420), py2 - py1, px2 - px1)
         out_planes = i420_planes(out, self.height, self.width)
-        out_planes[0][y1:y2, x1:x2] = patch_planes[0]
+        out_planes[0][py1:py2, px1:px2] = patch_planes[0]
         for plane, source in zip(out_planes[1:], patch_planes[1:]):
-            plane[y1 // 2 : y2 // 2, x1 // 2 : x2 // 2] = source
+            plane[py1 // 2 : py2 // 2, px1 // 2 : px2 // 2] = source
         return out
+
+    def _first_blended_row(self, index: int) -> int:
+        if index not in self._top:
+            rows = np.flatnonzero(self.masks[index].any(axis=1))
+            self._top[index] = int(rows[0]) if len(rows) else self.boxes[index].height
+        return self._top[index]

@@ -88,6 +88,9 @@ class Mp4Writer:
             rate = 48000
         stream = self.container.add_stream("aac", rate=rate, layout="mono")
         stream.time_base = Fraction(1, rate)
+        # FFmpeg's "fast" AAC coder: a quarter of the default's time for speech,
+        # the same size; it keeps the front end inside its per-frame budget.
+        stream.options = {"aac_coder": "fast"}
         samples = np.clip(audio, -1, 1).astype(np.float32)
         size = stream.codec_context.frame_size or 1024
         for start in range(0, len(samples), size):
