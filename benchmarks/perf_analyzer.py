@@ -55,10 +55,14 @@ def library_dir(environment: ServerEnvironment | None = None) -> Path:
 
 def perf_analyzer_command(model: str, url: str, protocol: str = "grpc", concurrency: str = "1:4:3",
                           batch_size: int = 1, measurement_ms: int = 5000,
-                          request_count: int | None = None, csv_file: Path | None = None) -> list[str]:
+                          request_count: int | None = None, csv_file: Path | None = None,
+                          stability: int = 20) -> list[str]:
+    # A 2-core machine running the server and perf_analyzer is noisy: windows
+    # within 20% of each other count as stable (perf_analyzer's default is 10%).
     command = [
         str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol,
         "-b", str(batch_size), f"--concurrency-range={concurrency}", "--percentile=95",
+        f"--stability-percentage={stability}", "--max-trials=20",
     ]
     if request_count:  # slow models: windows of N requests rather than of N milliseconds
         command += ["--measurement-mode=count_windows", f"--measurement-request-count={request_count}"]
@@ -89,8 +93,14 @@ def sweep(url_for: dict[str, str], models: list[str], concurrency: str, batch_si
                 command = perf_analyzer_command(model, url, protocol, concurrency, batch_size,
                                                 measurement_ms, request_count, csv_file)
                 print("$", shlex.join(command), flush=True)
-                run(command)
-                for row in csv.DictReader(io.StringIO(csv_file.read_text())):
+                try:
+                    run(command)
+                except RuntimeError as error:  # one unstable model must not lose the others
+                    print(f"  {model} {protocol}: {str(error).splitlines()[-1]}", flush=True)
+                    continue
+                measured = sorted(csv.DictReader(io.StringIO(csv_file.read_text())),
+                                  key=lambda r: int(r["Concurrency"]))
+                for row in measured:
                     rows.append({
                         "model": model, "protocol": protocol, "batch_size": batch_size,
                         "concurrency": int(row["Concurrency"]),

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import cv2
 
 from frontend.stack import FrontEnd
+from triton_local.launch import serve_until_stopped
 from triton_local.launch import start as start_triton
 from triton_local.server import BUILD, Ports
 
@@ -40,18 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     server = start_triton(args.onnx_repository, Ports())
     frontend = FrontEnd(server.grpc_url, args.port,
                         env={"MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source()})
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         frontend.start()
         print(f"front end: {frontend.url}  (POST /onnx-infer, docs at {frontend.url}/docs; "
               f"log {frontend.log_file})\nCtrl-C stops both.", flush=True)
-        while frontend.process.poll() is None and server.process.poll() is None:
-            time.sleep(0.5)
+        if serve_until_stopped(frontend.process, server.process):
+            return 0
         print("a process exited; stopping", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, SystemExit):
-        print("stopping...", flush=True)
-        return 0
     finally:
         frontend.stop()
         server.stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -33,6 +34,13 @@ def weights(tmp_path_factory):
     AutoencoderKL.from_config(TINY["vae"]).save_pretrained(root / "sd-vae")
     WhisperModel(WhisperConfig(**TINY["whisper"])).save_pretrained(root / "whisper")
     return root, unet
+
+
+def copy_of(weights, tmp_path):
+    """A copy of the checkpoint folder that a test may damage."""
+    copy = tmp_path / "models"
+    shutil.copytree(weights[0], copy)
+    return copy
 
 
 @pytest.mark.parametrize("version", ["v15", "v1"])
@@ -73,11 +81,7 @@ def test_export_from_checkpoints_reproduces_their_outputs(weights, tmp_path):
     ("whisper", "whisper/config.json"),
 ])
 def test_missing_file_is_named_with_how_to_get_it(weights, tmp_path, component, missing):
-    root, _ = weights
-    copy = tmp_path / "models"
-    import shutil
-
-    shutil.copytree(root, copy)
+    copy = copy_of(weights, tmp_path)
     (copy / missing).unlink()
     with pytest.raises(CheckpointError) as error:
         WeightSource(copy).load(component)
@@ -91,11 +95,7 @@ def test_missing_file_is_named_with_how_to_get_it(weights, tmp_path, component, 
     ("whisper", "whisper/model.safetensors"),
 ])
 def test_truncated_file_is_named(weights, tmp_path, component, damaged):
-    root, _ = weights
-    import shutil
-
-    copy = tmp_path / "models"
-    shutil.copytree(root, copy)
+    copy = copy_of(weights, tmp_path)
     data = (copy / damaged).read_bytes()
     (copy / damaged).write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError) as error:
@@ -104,11 +104,7 @@ def test_truncated_file_is_named(weights, tmp_path, component, damaged):
 
 
 def test_checkpoint_of_another_architecture_is_refused(weights, tmp_path):
-    root, _ = weights
-    import shutil
-
-    copy = tmp_path / "models"
-    shutil.copytree(root, copy)
+    copy = copy_of(weights, tmp_path)
     config = json.loads((copy / "musetalkV15" / "musetalk.json").read_text())
     config["block_out_channels"] = [64, 128]
     (copy / "musetalkV15" / "musetalk.json").write_text(json.dumps(config))

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,7 +17,6 @@ from client import (
     ServerUnavailable,
     specs,
 )
-from conftest import ROOT
 from export.onnx_export import model_path
 from triton_local.server import Ports
 

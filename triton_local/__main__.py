@@ -7,12 +7,10 @@ ready, prints the endpoints and serves until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import time
 from pathlib import Path
 
-from triton_local.launch import start
+from triton_local.launch import serve_until_stopped, start
 from triton_local.repository import SOURCE
 from triton_local.server import BUILD, Ports, ServerError
 
@@ -35,16 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print("Ctrl-C stops it.", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        while server.process.poll() is None:
-            time.sleep(0.5)
+        if serve_until_stopped(server.process):
+            return 0
         print(f"tritonserver exited ({server.process.returncode}):\n{server.log_tail()}",
               file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, SystemExit):
-        print("stopping...", flush=True)
-        return 0
     finally:
         server.stop()
 

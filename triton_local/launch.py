@@ -5,6 +5,9 @@ demo and the perf_analyzer benchmark alike.
 """
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -47,3 +50,16 @@ def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / 
           f"  metrics  http://localhost:{server.ports.metrics}/metrics", flush=True)
     return server
 
+
+
+def serve_until_stopped(*processes: subprocess.Popen) -> bool:
+    """Block until Ctrl-C or SIGTERM (True: a requested stop) or until one of
+    `processes` exits by itself (False)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+        return False
+    except (KeyboardInterrupt, SystemExit):
+        print("stopping...", flush=True)
+        return True

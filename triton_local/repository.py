@@ -27,9 +27,13 @@ class Runtime:
     name: str = "onnxruntime"
     precision: str = "f32"
     threads: int = 0
+    # Largest batch run at once; bigger batches run in pieces (see python_model.py).
+    # 8 keeps the server under 12 GB with every full-size model at its max batch.
+    chunk: int = 8
 
     def parameters(self) -> dict[str, str]:
-        return {"runtime": self.name, "precision": self.precision, "threads": str(self.threads)}
+        return {"runtime": self.name, "precision": self.precision, "threads": str(self.threads),
+                "chunk": str(self.chunk)}
 
 
 def read_config(path: Path) -> mc.ModelConfig:
