@@ -18,6 +18,7 @@ onnxruntime's CPU provider and OpenVINO in fp32 and bf16.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -47,9 +48,9 @@ class Backend:
 
 
 def pytorch(module, dtype=None, device="cpu") -> Callable:
+    if dtype is torch.float16:  # a copy: the fp32 backend keeps the original
+        module = copy.deepcopy(module).half()
     module = module.to(device)
-    if dtype is torch.float16:
-        module = module.half()
 
     def run(inputs):
         tensors = [torch.from_numpy(x).to(device) for x in inputs]

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from client import specs
-from triton_local.server import BUILD, ServerEnvironment
+from triton_local.server import BUILD, ServerEnvironment, http_url_beside
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEEDED_LIBS = {"libb64.so.0d": "libb64-", "libcudart.so.12": "libcudart-"}
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start(args.onnx_repository, Ports.free(), BUILD / "perf_repository")
         grpc_url, http_url = server.grpc_url, server.http_url
     else:
-        host, port = args.url.rsplit(":", 1)
-        grpc_url, http_url = args.url, f"{host}:{int(port) - 1}"
+        grpc_url, http_url = args.url, http_url_beside(args.url)
     try:
         urls = {"grpc": grpc_url, "http": http_url}
         rows = sweep({k: urls[k] for k in protocols}, models, args.concurrency, args.batch_size,

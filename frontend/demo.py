@@ -25,7 +25,7 @@ from tqdm import tqdm
 from export.__main__ import main as export_main
 from frontend.stack import FrontEnd
 from triton_local.launch import start as start_triton
-from triton_local.server import BUILD, Ports
+from triton_local.server import BUILD, Ports, http_url_beside
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 AVATAR_ID = "demo"
@@ -39,17 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=["full", "tiny"], default="full",
                    help="tiny: small random models, for a one-minute look at the whole path")
     p.add_argument("--output", type=Path, default=BUILD / "demo" / "musetalk_demo.mp4")
+    p.add_argument("--triton-url", help="gRPC host:port of a running Triton (e.g. the GPU "
+                   "container): skip the export and the local server")
     args = p.parse_args(argv)
 
     real = Path("models/musetalkV15/unet.pth").is_file() and args.profile == "full"
-    repository = Path("model_repository") if args.profile == "full" else BUILD / "demo_tiny_onnx"
-    step("1/5 export the networks to ONNX" + ("" if real else " (SYNTHETIC random weights)"))
-    source = ["--weights", "models"] if real else ["--synthetic", "--profile", args.profile]
-    if export_main([*source, "--repository", str(repository)]) != 0:
-        return 1
-
-    step("2/5 start the local Triton server")
-    server = start_triton(repository, _ports())
+    if args.triton_url:
+        step("1-2/5 use the Triton server at " + args.triton_url)
+        server = RemoteTriton(args.triton_url)
+        real = True  # whatever it serves: the demo cannot tell
+    else:
+        repository = Path("model_repository") if args.profile == "full" else BUILD / "demo_tiny_onnx"
+        step("1/5 export the networks to ONNX" + ("" if real else " (SYNTHETIC random weights)"))
+        source = ["--weights", "models"] if real else ["--synthetic", "--profile", args.profile]
+        if export_main([*source, "--repository", str(repository)]) != 0:
+            return 1
+        step("2/5 start the local Triton server")
+        server = start_triton(repository, _ports())
     frontend = None
     try:
         step("3/5 start the front end")
@@ -69,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     report(args.output, timings, real)
     return 0
+
+
+class RemoteTriton:
+    """A server this demo did not start (and so does not stop)."""
+
+    def __init__(self, grpc_url: str):
+        self.grpc_url, self.http_url = grpc_url, http_url_beside(grpc_url)
+
+    def stop(self) -> None:
+        pass
 
 
 def step(title: str) -> None:

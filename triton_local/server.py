@@ -205,6 +205,13 @@ class LocalTriton:
         self.stop()
 
 
+def http_url_beside(grpc_url: str) -> str:
+    """The HTTP endpoint of a server known by its gRPC one: Triton's defaults
+    put HTTP one port below gRPC (8000 and 8001)."""
+    host, port = grpc_url.rsplit(":", 1)
+    return f"{host}:{int(port) - 1}"
+
+
 def http_ok(url: str) -> bool:
     """True when `url` answers 200 (readiness probes: anything else means not yet)."""
     try:
