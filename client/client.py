@@ -11,7 +11,8 @@ work queued; the results come back concatenated in order.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from client.requests import (
     validate,
 )
 from client.shm import SharedMemoryArena
+
+T = TypeVar("T")
 
 
 class MuseTalkClient(NamedCalls):
@@ -53,6 +56,9 @@ class MuseTalkClient(NamedCalls):
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="musetalk-client")
+        # Separate threads for submit(): a submitted call that splits its batch
+        # then waits on _pool without ever starving it.
+        self._submitted = ThreadPoolExecutor(max_in_flight, thread_name_prefix="musetalk-submit")
 
     # -- health ---------------------------------------------------------------------------
     def server_ready(self) -> bool:
@@ -111,6 +117,12 @@ class MuseTalkClient(NamedCalls):
         parts = [f.result() for f in futures]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
+    def submit(self, call: Callable[..., T], *args) -> Future:
+        """Start `call(*args)` (e.g. `client.musetalk, audio, latents`) on the client's own
+        threads and return its Future: keep several requests in flight without threads of
+        your own. The threads, and their connections, live as long as the client."""
+        return self._submitted.submit(call, *args)
+
     def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray) -> np.ndarray:
         names = [t.name for t in spec.inputs]
         return self.infer(spec.name, dict(zip(names, arrays)))[spec.outputs[0].name]
@@ -157,6 +169,7 @@ class MuseTalkClient(NamedCalls):
             worker.close()
 
     def close(self) -> None:
+        self._submitted.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         with self._lock:
             for worker in self._workers:

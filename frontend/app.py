@@ -33,13 +33,16 @@ class UploadTooLarge(ValueError):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     store = avatars.AvatarStore(settings.avatar_dir)
+    # Each request keeps `in_flight` batches in flight; room for a few requests at once.
     client = MuseTalkClient(settings.triton_url, settings.triton_protocol,
-                            max_in_flight=settings.in_flight)
+                            max_in_flight=4 * settings.in_flight)
     preparing = threading.Lock()  # one preparation at a time: it is heavy on the CPU
+    default_pending = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.default_avatar_source and not store.exists(settings.default_avatar):
+            default_pending.set()
             threading.Thread(target=_prepare_default, daemon=True).start()
         yield
         client.close()
@@ -60,11 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("default avatar %r prepared from %s", settings.default_avatar, source)
         except Exception as error:  # noqa: BLE001 - the service runs on; requests will say
             log.error("could not prepare the default avatar: %s", error)
+        finally:
+            default_pending.clear()
 
     def _prepare(avatar_id: str, media: bytes, bbox_shift: int, extra_margin: int):
         with preparing:
-            if store.exists(avatar_id):
-                raise avatars.AvatarError(f"avatar {avatar_id!r} already exists; delete it first", 409)
+            store.ensure_absent(avatar_id)
             avatar = avatars.prepare(avatar_id, media, client.vae_encoder, bbox_shift, extra_margin,
                                      settings.max_avatar_frames, progress=log.info)
             store.save(avatar)
@@ -154,7 +158,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Random-weight deployments (`--synthetic` exports) give real timings but
         no lip sync: the faces are noise.
         """
-        avatar = store.load(avatars.check_id(avatar_id or settings.default_avatar))
+        wanted = avatars.check_id(avatar_id or settings.default_avatar)
+        if wanted == settings.default_avatar and default_pending.is_set():
+            return error(503, f"the default avatar {wanted!r} is still being prepared; retry shortly")
+        avatar = store.load(wanted)
         speech = audio.decode(read_upload(audio_file), settings.max_audio_seconds)
         video, report = pipeline.generate(
             avatar, speech, fps, client, batch_size or settings.batch_size,
@@ -173,9 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         extra_margin: int = Form(10, ge=0, le=100, description="pixels added below the chin (v1.5)"),
     ):
         """Prepare an avatar: face boxes, crops, latents (Triton vae_encoder), blend masks."""
-        avatars.check_id(avatar_id)
-        if store.exists(avatar_id):
-            raise avatars.AvatarError(f"avatar {avatar_id!r} already exists; delete it first", 409)
+        store.ensure_absent(avatars.check_id(avatar_id))
         return _prepare(avatar_id, read_upload(file), bbox_shift, extra_margin).meta
 
     @app.get("/avatars", tags=["avatars"])

@@ -137,6 +137,10 @@ class AvatarStore:
     def exists(self, avatar_id: str) -> bool:
         return (self.path(avatar_id) / "meta.json").is_file()
 
+    def ensure_absent(self, avatar_id: str) -> None:
+        if self.path(avatar_id).exists():
+            raise AvatarError(f"avatar {avatar_id!r} already exists; delete it first", 409)
+
     def save(self, avatar: Avatar) -> None:
         target = self.path(avatar.id)
         staging = self.root / f".staging-{avatar.id}-{uuid.uuid4().hex[:8]}"
@@ -148,8 +152,7 @@ class AvatarStore:
             np.savez(staging / "masks.npz", *avatar.masks)
             (staging / "meta.json").write_text(json.dumps(avatar.meta, indent=2))
             with self._lock:
-                if target.exists():
-                    raise AvatarError(f"avatar {avatar.id!r} already exists; delete it first", 409)
+                self.ensure_absent(avatar.id)
                 staging.rename(target)  # atomic: the avatar appears whole or not at all
                 self._remember(avatar)
         finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,37 +57,39 @@ def generate(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size:
         if encode else None
     sources = np.array([avatar.cycle_index(i) for i in range(n_frames)])
     starts = range(0, n_frames, batch_size)
-    try:
-        with ThreadPoolExecutor(in_flight, thread_name_prefix="musetalk-frames") as pool:
-            def submit(start: int):
-                part = slice(start, start + batch_size)
-                return start, pool.submit(client.musetalk, windows[part],
-                                          avatar.latents[sources[part]])
 
-            pending = deque(submit(s) for s in starts[:in_flight])
-            queued = iter(starts[in_flight:])
-            while pending:
-                start, future = pending.popleft()
+    def submit(start: int):
+        part = slice(start, start + batch_size)
+        return start, client.submit(client.musetalk, windows[part], avatar.latents[sources[part]])
+
+    pending: deque = deque()
+    queued = iter(starts[in_flight:])
+    try:
+        pending.extend(submit(s) for s in starts[:in_flight])
+        while pending:
+            start, future = pending.popleft()
+            t = time.perf_counter()
+            faces = future.result()
+            report.waiting_for_triton += time.perf_counter() - t
+            next_start = next(queued, None)
+            if next_start is not None:
+                pending.append(submit(next_start))
+            for offset, face in enumerate(faces):
                 t = time.perf_counter()
-                faces = future.result()
-                report.waiting_for_triton += time.perf_counter() - t
-                next_start = next(queued, None)
-                if next_start is not None:
-                    pending.append(submit(next_start))
-                for offset, face in enumerate(faces):
+                frame = avatar.compositor.compose(int(sources[start + offset]), face)
+                report.blending += time.perf_counter() - t
+                if writer is not None:
                     t = time.perf_counter()
-                    frame = avatar.compositor.compose(int(sources[start + offset]), face)
-                    report.blending += time.perf_counter() - t
-                    if writer is not None:
-                        t = time.perf_counter()
-                        writer.write(frame)
-                        report.encoding += time.perf_counter() - t
+                    writer.write(frame)
+                    report.encoding += time.perf_counter() - t
         data = None
         if writer is not None:
             t = time.perf_counter()
             data = writer.finish()
             report.encoding += time.perf_counter() - t
     except BaseException:
+        for _, future in pending:
+            future.cancel()  # what has not started yet; the rest finishes on its own
         if writer is not None:
             writer.close()
         raise

@@ -245,3 +245,29 @@ def test_triton_down_is_503_and_recovers_without_restart(api, settings, speech_b
         with LocalTriton(triton.repository, ports, log_file=triton.log_file.with_name("triton-2.log")):
             assert down_api.get("/readyz").status_code == 200
             assert post_speech(down_api, speech_bytes, skip_save_images="true").status_code == 200
+
+
+def test_default_avatar_is_prepared_at_start_up(triton, tmp_path, face_png, speech_bytes):
+    import time
+
+    photo = tmp_path / "portrait.png"
+    photo.write_bytes(face_png)
+    settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars",
+                        default_avatar="house", default_avatar_source=str(photo))
+    with TestClient(create_app(settings)) as api:
+        deadline = time.monotonic() + 120
+        while api.get("/avatars/house").status_code != 200:
+            assert time.monotonic() < deadline, "default avatar never appeared"
+            time.sleep(0.5)
+        response = api.post("/onnx-infer", data={"skip_save_images": "true"},
+                            files={"audio_file": ("speech.flac", speech_bytes)})
+        assert response.status_code == 200 and response.json()["avatar_id"] == "house"
+
+
+def test_connections_do_not_pile_up_across_requests(api, speech_bytes):
+    """In-flight requests run on the client's own threads: no new connections per request."""
+    post_speech(api, speech_bytes, skip_save_images="true")
+    before = len(api.app.state.client._workers)
+    for _ in range(3):
+        assert post_speech(api, speech_bytes, skip_save_images="true").status_code == 200
+    assert len(api.app.state.client._workers) <= before + 2

@@ -139,3 +139,12 @@ def test_perf_analyzer_measures_the_ensemble(triton):
                                     batch_size=1, measurement_ms=1500)
     out = run(command, timeout=300)
     assert "Throughput" in out
+
+
+def test_submit_keeps_requests_in_flight_on_the_clients_threads(triton):
+    audio, latents = frames(3)
+    with MuseTalkClient(triton.grpc_url) as client:
+        futures = [client.submit(client.musetalk, audio, latents) for _ in range(3)]
+        results = [f.result() for f in futures]
+        assert all(np.array_equal(r, results[0]) for r in results)
+        np.testing.assert_array_equal(results[0], client.musetalk(audio, latents))
