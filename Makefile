@@ -1,26 +1,32 @@
 # Two commands do everything on a fresh machine:  make demo   and   make test
 # Every target installs what it needs first (once; stamps skip it afterwards).
+# PROFILE=tiny (small random models of the same architecture) for serve and demo:
+#   make serve PROFILE=tiny   # the whole stack in about a minute
 
 PYTHON ?= python3.11
+PROFILE ?= full
 VENV := .venv
 TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 # Real checkpoints when models/ holds them, otherwise full-size random weights (said loudly).
 WEIGHTS := $(if $(wildcard models/musetalkV15/unet.pth),--weights models,--synthetic)
 
-.PHONY: demo test env triton-env export triton serve bench perf lint-docker clean
+.PHONY: demo test lint env triton-env export triton serve bench perf lint-docker clean
 
 demo: env triton-env
-	$(PY) -m frontend.demo
+	$(PY) -m stack.demo --profile $(PROFILE)
 
-test: env triton-env
+test: env triton-env lint
 	$(PY) -m pytest -q
+
+lint: env
+	$(VENV)/bin/ruff check .
 
 env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[all,test]"
 	touch $@
 
 triton-env: $(TRITON_VENV)/.installed
@@ -36,8 +42,8 @@ export: env
 triton: export triton-env
 	$(PY) -m triton_local
 
-serve: export triton-env
-	$(PY) -m frontend.serve
+serve: env triton-env
+	$(PY) -m stack.serve --profile $(PROFILE)
 
 bench: env
 	$(PY) -m benchmarks.onnx_vs_pytorch

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from client import specs
+from benchmarks.provenance import invocation, machine
+from contract import specs
 from frontend import audio
 from frontend.avatars import Avatar
 from frontend.blending import blend_mask
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
     cv2.setNumThreads(1)
-    invocation = "python -m benchmarks.frontend_cost " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command_line = invocation("benchmarks.frontend_cost", argv)
     rows = []
     for preset in args.presets.split(","):
         runs = [measure(args.width, args.height, args.fps, preset) for _ in range(args.repeats)]
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"frontend_cost_{args.width}x{args.height}.md"
     lines = [f"# Front-end cost per frame, {args.width}x{args.height} avatar, one core", "",
-             f"- produced by: `{invocation}`", f"- date: {time.strftime('%Y-%m-%d')}",
+             f"- produced by: `{command_line}`", f"- machine: {machine()}", f"- date: {time.strftime('%Y-%m-%d')}",
              "- budget: 5 ms per frame (one process feeds a GPU at 200 fps)", "",
              "| x264 preset | audio features ms | blending ms | encoding ms | total ms/frame | video kB |",
              "|---|---|---|---|---|---|"]

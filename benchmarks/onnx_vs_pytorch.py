@@ -20,22 +20,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from benchmarks.provenance import invocation, machine
+from contract.layout import model_path
+from contract.runners import Runner, onnxruntime_runner, open_runner
 from export.checkpoints import WeightSource
 from export.onnx_configs import CONFIGS
-from export.onnx_export import export_key, model_path, recorded_key
+from export.onnx_export import export_key, recorded_key
+from export.precision import face_psnr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CORE = ("positional_encoding", "unet", "vae_decoder")
@@ -67,44 +68,29 @@ def pytorch(module, dtype=None, device="cpu") -> Callable:
     return run
 
 
-def onnxruntime_session(path: Path, providers: list) -> Callable:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=providers)
-    names = [i.name for i in session.get_inputs()]
-    return lambda inputs: session.run(None, dict(zip(names, inputs)))
+def positional(run: Runner, names: list[str]) -> Callable:
+    """A runner of contract.runners called with inputs in order, answering outputs in order."""
+    return lambda inputs: list(run(dict(zip(names, inputs))).values())
 
 
-def openvino_model(path: Path, precision: str) -> Callable:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
-    request = compiled.create_infer_request()
-    names = [i.get_any_name() for i in compiled.inputs]
-
-    def run(inputs):
-        results = request.infer(dict(zip(names, inputs)))
-        return [np.array(results[o]) for o in compiled.outputs]
-
-    return run
-
-
-def backends_for(module, path: Path, cuda: bool) -> list[Backend]:
+def backends_for(module, path: Path, names: list[str], cuda: bool) -> list[Backend]:
     if cuda:
         trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                                              "trt_engine_cache_path": str(RESULTS.parent / ".trt_cache")})
         return [
             Backend("pytorch-fp32", pytorch(module, device="cuda")),
             Backend("pytorch-fp16", pytorch(module, torch.float16, "cuda")),
-            Backend("onnxruntime-cuda-fp32", onnxruntime_session(path, ["CUDAExecutionProvider"])),
-            Backend("onnxruntime-tensorrt-fp16", onnxruntime_session(path, [trt, "CUDAExecutionProvider"])),
+            Backend("onnxruntime-cuda-fp32",
+                    positional(onnxruntime_runner(path, providers=["CUDAExecutionProvider"]), names)),
+            Backend("onnxruntime-tensorrt-fp16",
+                    positional(onnxruntime_runner(path, providers=[trt, "CUDAExecutionProvider"]), names)),
         ]
     return [
         Backend("pytorch-fp32", pytorch(module)),
         Backend("pytorch-bf16", pytorch(module, torch.bfloat16)),
-        Backend("onnxruntime-fp32", onnxruntime_session(path, ["CPUExecutionProvider"])),
-        Backend("openvino-fp32", openvino_model(path, "f32")),
-        Backend("openvino-bf16", openvino_model(path, "bf16")),
+        Backend("onnxruntime-fp32", positional(open_runner(path), names)),
+        Backend("openvino-fp32", positional(open_runner(path, "openvino", "f32"), names)),
+        Backend("openvino-bf16", positional(open_runner(path, "openvino", "bf16"), names)),
     ]
 
 
@@ -112,8 +98,7 @@ def error(reference: np.ndarray, value: np.ndarray) -> dict:
     if value is reference:
         return {"reference": True}
     if reference.dtype == np.uint8:
-        mse = np.mean((reference.astype(np.float64) - value.astype(np.float64)) ** 2)
-        return {"face_psnr_db": round(float(10 * np.log10(255**2 / max(mse, 1e-10))), 1)}
+        return {"face_psnr_db": round(face_psnr(reference, value), 1)}
     rel = np.linalg.norm(value.astype(np.float64) - reference) / max(np.linalg.norm(reference), 1e-30)
     return {"rel_l2": float(f"{rel:.2e}")}
 
@@ -126,7 +111,7 @@ def measure(name: str, source: WeightSource, repository: Path, batches: list[int
         raise SystemExit(f"{path} was not exported from these weights: run "
                          f"`python -m export ...` with the same --weights/--synthetic/--profile first")
     module = config.build(source.load(config.component) if config.component else None).eval()
-    backends = backends_for(module, path, cuda)
+    backends = backends_for(module, path, config.input_names, cuda)
     rows = []
     for batch in batches:
         inputs = [t.numpy() for t in config.sample(batch, torch.Generator().manual_seed(batch))]
@@ -169,22 +154,21 @@ def core_rows(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["batch"], -r["ms_per_frame"]))
 
 
-def machine(cuda: bool) -> str:
+def machine_used(cuda: bool) -> str:
     if cuda:
-        return torch.cuda.get_device_name(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        return f"{torch.cuda.get_device_name(0)}; host {machine()}"
+    return f"{machine()}, {torch.get_num_threads()} torch threads"
 
 
-def write(rows: list[dict], core: list[dict], args, invocation: str, cuda: bool) -> Path:
+def write(rows: list[dict], core: list[dict], args, command_line: str, cuda: bool) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"onnx_vs_pytorch_{args.profile}_{'cuda' if cuda else 'cpu'}"
     versions = {m: __import__(m).__version__ for m in ("torch", "onnxruntime", "openvino")}
     header = [f"# ONNX vs PyTorch ({args.profile} profile, {'CUDA' if cuda else 'CPU'})", "",
-              f"- produced by: `{invocation}`", f"- machine: {machine(cuda)}",
+              f"- produced by: `{command_line}`", f"- machine: {machine_used(cuda)}",
               f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
-              f"- weights: {'synthetic (random values: real timings, no lip sync)' if args.synthetic else 'checkpoints'}",
+              "- weights: " + ("synthetic (random values: real timings, no lip sync)" if args.synthetic
+                               else "checkpoints"),
               f"- median of {args.repeats} interleaved runs after a warm-up; date {time.strftime('%Y-%m-%d')}", "",
               "## The per-frame core (positional_encoding + unet + vae_decoder)", "",
               "| batch | backend | ms per frame | speed-up vs PyTorch fp32 | face PSNR vs PyTorch fp32 |",
@@ -228,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.weights:
         args.synthetic = False
-    invocation = "python -m benchmarks.onnx_vs_pytorch " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command_line = invocation("benchmarks.onnx_vs_pytorch", argv)
     cuda = torch.cuda.is_available()
     source = WeightSource(args.weights, args.profile)
     rows = []
@@ -242,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in core:
         print(f"  batch {r['batch']:3d} {r['backend']:26s} {r['ms_per_frame']:9.1f} ms  x{r['speedup']:.2f}  "
               f"face PSNR {r['face_psnr_db']} dB")
-    print(f"results: {write(rows, core, args, invocation, cuda)}")
+    print(f"results: {write(rows, core, args, command_line, cuda)}")
     return 0
 
 

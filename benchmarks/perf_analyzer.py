@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from client import specs
-from triton_local.server import BUILD, ServerEnvironment, http_url_beside
+from benchmarks.provenance import invocation, machine
+from contract import specs
+from triton_local.server import BUILD, ServerEnvironment, http_url_beside, relink
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEEDED_LIBS = {"libb64.so.0d": "libb64-", "libcudart.so.12": "libcudart-"}
@@ -45,11 +45,7 @@ def library_dir(environment: ServerEnvironment | None = None) -> Path:
     folder = BUILD / "perf_analyzer_libs"
     folder.mkdir(parents=True, exist_ok=True)
     for name, prefix in NEEDED_LIBS.items():
-        target = next(bundled.glob(f"{prefix}*"))
-        link = folder / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(target)
+        relink(folder / name, next(bundled.glob(f"{prefix}*")))
     return folder
 
 
@@ -115,19 +111,12 @@ def sweep(url_for: dict[str, str], models: list[str], concurrency: str, batch_si
     return rows
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
-
-
-def write_results(rows: list[dict], label: str, invocation: str) -> Path:
+def write_results(rows: list[dict], label: str, command_line: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"perf_analyzer_{label}.md"
     lines = [
         f"# perf_analyzer: {label}", "",
-        f"- produced by: `{invocation}`",
+        f"- produced by: `{command_line}`",
         f"- machine: {machine()}",
         f"- date: {time.strftime('%Y-%m-%d')}", "",
         "| model | protocol | batch | concurrency | inferences/s | p50 ms | p95 ms |",
@@ -159,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="run", help="results file name: perf_analyzer_<label>.md")
     args = p.parse_args(argv)
 
-    invocation = "python -m benchmarks.perf_analyzer " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command_line = invocation("benchmarks.perf_analyzer", argv)
     models = args.models.split(",")
     protocols = args.protocols.split(",")
     server = None
@@ -178,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server:
             server.stop()
-    print(f"results: {write_results(rows, args.label, invocation)}")
+    print(f"results: {write_results(rows, args.label, command_line)}")
     return 0
 
 

@@ -1,4 +1,10 @@
-"""MuseTalk's Triton client SDK: one named call per model, numpy in and out."""
+"""MuseTalk's Triton client SDK: one named call per model, numpy in and out.
+
+Needs only numpy and tritonclient (`pip install musetalk-triton`); the tensor
+contract it checks inputs against is `contract.specs`.
+"""
+from client.aio import AsyncMuseTalkClient
+from client.client import MuseTalkClient
 from client.errors import (
     InferenceFailed,
     InvalidInput,
@@ -18,16 +24,3 @@ __all__ = [
     "InvalidInput",
     "InferenceFailed",
 ]
-
-
-def __getattr__(name):
-    # Lazy, so that `client.specs` stays importable without tritonclient (export/ uses it).
-    if name == "MuseTalkClient":
-        from client.client import MuseTalkClient
-
-        return MuseTalkClient
-    if name == "AsyncMuseTalkClient":
-        from client.aio import AsyncMuseTalkClient
-
-        return AsyncMuseTalkClient
-    raise AttributeError(name)

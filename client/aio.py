@@ -13,18 +13,22 @@ import asyncio
 
 import numpy as np
 
-from client import specs
-from client.errors import InvalidInput, ServerUnavailable, TritonClientError, translate
+from client.errors import translate
+from client.readiness import wait_for_async
 from client.requests import (
     DEFAULT_URLS,
     NamedCalls,
-    batch_slices,
+    infer_kwargs,
     make_inputs,
     make_outputs,
+    merge,
+    not_ready,
     protocol_module,
     read_outputs,
-    validate,
+    split,
+    statistics_kwargs,
 )
+from contract import specs
 
 
 class AsyncMuseTalkClient(NamedCalls):
@@ -40,51 +44,44 @@ class AsyncMuseTalkClient(NamedCalls):
         self._client = self._module.InferenceServerClient(self.url, **extra)
 
     async def server_ready(self) -> bool:
-        try:
-            return bool(await self._client.is_server_ready())
-        except Exception:  # noqa: BLE001
-            return False
+        return await self._probe(self._client.is_server_ready())
 
     async def model_ready(self, model: str) -> bool:
-        try:
-            return bool(await self._client.is_model_ready(model))
-        except Exception:  # noqa: BLE001
-            return False
+        return await self._probe(self._client.is_model_ready(model))
 
     async def wait_until_ready(self, timeout_s: float = 60.0, models: list[str] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         models = list(models or specs.MODELS)
-        while loop.time() < deadline:
-            if await self.server_ready() and all([await self.model_ready(m) for m in models]):
-                return
-            await asyncio.sleep(0.25)
-        raise ServerUnavailable(f"Triton at {self.url} or its models not ready after {timeout_s:.0f} s")
+
+        async def ready() -> bool:
+            return await self.server_ready() and all([await self.model_ready(m) for m in models])
+
+        if not await wait_for_async(ready, timeout_s):
+            up = await self.server_ready()
+            raise not_ready(self.url, timeout_s, up, [m for m in models if not (up and await self.model_ready(m))])
 
     async def statistics(self, model: str) -> dict:
         try:
-            kwargs = {"as_json": True} if self.protocol == "grpc" else {}
-            stats = await self._client.get_inference_statistics(model, **kwargs)
+            stats = await self._client.get_inference_statistics(model, **statistics_kwargs(self.protocol))
         except Exception as error:  # noqa: BLE001
             raise translate(error, model) from error
         return stats["model_stats"][0]
 
+    @staticmethod
+    async def _probe(answer) -> bool:
+        try:
+            return bool(await answer)
+        except Exception:  # noqa: BLE001 - unreachable means not ready
+            return False
+
     async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = specs.MODELS.get(model)
-        if spec is None:
-            return await self._send(model, None, inputs)
-        arrays = validate(spec, inputs)
-        batch = len(next(iter(arrays.values())))
-        if batch == 0:
-            raise InvalidInput("empty batch", model)
+        spec, parts = split(model, inputs)
         gate = asyncio.Semaphore(self.max_in_flight)
 
-        async def send(part: slice) -> dict[str, np.ndarray]:
+        async def send(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             async with gate:
-                return await self._send(model, spec, {k: v[part] for k, v in arrays.items()})
+                return await self._send(model, spec, part)
 
-        parts = await asyncio.gather(*(send(s) for s in batch_slices(batch, spec.max_batch_size)))
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return merge(await asyncio.gather(*(send(p) for p in parts)))
 
     async def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray) -> np.ndarray:
         names = [t.name for t in spec.inputs]
@@ -94,8 +91,8 @@ class AsyncMuseTalkClient(NamedCalls):
         try:
             inputs = make_inputs(self._module, arrays)
             outputs = make_outputs(self._module, spec)
-            timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-            result = await self._client.infer(model, inputs, outputs=outputs, **timeout)
+            result = await self._client.infer(model, inputs, outputs=outputs,
+                                              **infer_kwargs(self.protocol, self.timeout_s))
             return read_outputs(result, spec)
         except Exception as error:  # noqa: BLE001
             raise translate(error, model) from error
@@ -103,11 +100,8 @@ class AsyncMuseTalkClient(NamedCalls):
     async def close(self) -> None:
         await self._client.close()
 
-    async def __aenter__(self) -> "AsyncMuseTalkClient":
+    async def __aenter__(self) -> AsyncMuseTalkClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-__all__ = ["AsyncMuseTalkClient", "TritonClientError"]

@@ -11,25 +11,30 @@ work queued; the results come back concatenated in order.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-from client import specs
-from client.errors import InvalidInput, ServerUnavailable, TritonClientError, translate
+from client.errors import ServerUnavailable, translate
+from client.readiness import wait_for
 from client.requests import (
     DEFAULT_URLS,
     NamedCalls,
-    batch_slices,
     connection_kwargs,
+    infer_kwargs,
     make_inputs,
     make_outputs,
+    merge,
+    not_ready,
     protocol_module,
     read_outputs,
-    validate,
+    split,
+    statistics_kwargs,
 )
 from client.shm import SharedMemoryArena
+from contract import specs
 
 T = TypeVar("T")
 
@@ -62,60 +67,49 @@ class MuseTalkClient(NamedCalls):
 
     # -- health ---------------------------------------------------------------------------
     def server_ready(self) -> bool:
-        try:
-            return bool(self._worker().client.is_server_ready())
-        except Exception:  # noqa: BLE001 - unreachable means not ready
-            self._drop_worker()
-            return False
+        return self._probe(lambda client: client.is_server_ready())
 
     def model_ready(self, model: str) -> bool:
-        try:
-            return bool(self._worker().client.is_model_ready(model))
-        except Exception:  # noqa: BLE001
-            self._drop_worker()
-            return False
+        return self._probe(lambda client: client.is_model_ready(model))
 
     def wait_until_ready(self, timeout_s: float = 60.0, models: list[str] | None = None) -> None:
         """Block until the server and `models` (default: all of MuseTalk's) are ready."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
         models = list(models or specs.MODELS)
-        while time.monotonic() < deadline:
-            if self.server_ready() and all(self.model_ready(m) for m in models):
-                return
-            time.sleep(0.25)
-        if not self.server_ready():
-            raise ServerUnavailable(f"Triton at {self.url} not ready after {timeout_s:.0f} s")
-        waiting = [m for m in models if not self.model_ready(m)]
-        raise TritonClientError(f"models not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
+        if not wait_for(lambda: self.server_ready() and all(self.model_ready(m) for m in models), timeout_s):
+            up = self.server_ready()
+            raise not_ready(self.url, timeout_s, up, [m for m in models if not (up and self.model_ready(m))])
 
     def statistics(self, model: str) -> dict:
         """Triton's inference statistics of `model` as a dict (inference_count, execution_count...)."""
         try:
-            stats = self._worker().client.get_inference_statistics(model, as_json=True) \
-                if self.protocol == "grpc" else self._worker().client.get_inference_statistics(model)
+            stats = self._worker().client.get_inference_statistics(model, **statistics_kwargs(self.protocol))
         except Exception as error:  # noqa: BLE001
             raise translate(error, model) from error
         return stats["model_stats"][0]
 
+    def model_config(self, model: str) -> dict:
+        """The model's configuration as the server holds it (Triton's model config API, as JSON)."""
+        try:
+            config = self._worker().client.get_model_config(model, **statistics_kwargs(self.protocol))
+        except Exception as error:  # noqa: BLE001
+            raise translate(error, model) from error
+        return config.get("config", config)
+
+    def _probe(self, ask: Callable) -> bool:
+        try:
+            return bool(ask(self._worker().client))
+        except Exception:  # noqa: BLE001 - unreachable means not ready
+            self._drop_worker()
+            return False
+
     # -- inference ------------------------------------------------------------------------
     def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `model` on `inputs` (name -> array with a leading batch axis); outputs by name."""
-        spec = specs.MODELS.get(model)
-        if spec is None:  # not one of ours: send as is and let the server judge
-            return self._send(model, None, inputs)
-        arrays = validate(spec, inputs)
-        batch = len(next(iter(arrays.values())))
-        if batch == 0:
-            raise InvalidInput("empty batch", model)
-        slices = batch_slices(batch, spec.max_batch_size)
-        if len(slices) == 1:
-            return self._send(model, spec, arrays)
-        futures = [self._pool.submit(self._send, model, spec, {k: v[s] for k, v in arrays.items()})
-                   for s in slices]
-        parts = [f.result() for f in futures]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        spec, parts = split(model, inputs)
+        if len(parts) == 1:
+            return self._send(model, spec, parts[0])
+        futures = [self._pool.submit(self._send, model, spec, part) for part in parts]
+        return merge([f.result() for f in futures])
 
     def submit(self, call: Callable[..., T], *args) -> Future:
         """Start `call(*args)` (e.g. `client.musetalk, audio, latents`) on the client's own
@@ -134,8 +128,8 @@ class MuseTalkClient(NamedCalls):
         try:
             inputs = make_inputs(self._module, arrays, arena)
             outputs = make_outputs(self._module, spec, arena, len(next(iter(arrays.values()))))
-            timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-            result = worker.client.infer(model, inputs, outputs=outputs, **timeout)
+            result = worker.client.infer(model, inputs, outputs=outputs,
+                                         **infer_kwargs(self.protocol, self.timeout_s))
             return read_outputs(result, spec, arena)
         except Exception as error:  # noqa: BLE001 - every failure gets a clear type
             failure = translate(error, model)
@@ -144,7 +138,7 @@ class MuseTalkClient(NamedCalls):
             raise failure from error
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _worker(self) -> "_Worker":
+    def _worker(self) -> _Worker:
         # tritonclient's HTTP client is not thread-safe: one connection per thread.
         worker = getattr(self._local, "worker", None)
         if worker is None:
@@ -176,7 +170,7 @@ class MuseTalkClient(NamedCalls):
                 worker.close()
             self._workers.clear()
 
-    def __enter__(self) -> "MuseTalkClient":
+    def __enter__(self) -> MuseTalkClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,4 +196,3 @@ class _Worker:
             self.client.close()
         except Exception:  # noqa: BLE001 - closing a dead connection is fine
             pass
-

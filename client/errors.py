@@ -34,24 +34,27 @@ class InferenceFailed(TritonClientError):
     """The model ran and failed, or the server answered an unexpected error."""
 
 
+# What the server's answer means, by the status code tritonclient's exception
+# carries: gRPC status codes, or HTTP statuses (Triton maps them alike).
+_BY_STATUS = {
+    "StatusCode.INVALID_ARGUMENT": InvalidInput, "400": InvalidInput,
+    "StatusCode.NOT_FOUND": ModelNotFound, "404": ModelNotFound,
+    "StatusCode.UNAVAILABLE": ServerUnavailable, "503": ModelNotReady,
+}
+
+
 def translate(error: BaseException, model: str | None) -> TritonClientError:
     """Map an exception from tritonclient / the transport to one of ours."""
     if isinstance(error, TritonClientError):
         return error
-    if isinstance(error, (ConnectionError, OSError, TimeoutError)):
+    if isinstance(error, (ConnectionError, OSError, TimeoutError)):  # aiohttp's errors are OSErrors
         return ServerUnavailable(f"cannot reach the Triton server ({error})", model)
     message = _message(error)
-    status = str(getattr(error, "status", lambda: "")() or "")
-    lowered = message.lower()
-    if "unavailable" in status.lower() or "failed to connect" in lowered or "connection refused" in lowered:
-        return ServerUnavailable(f"cannot reach the Triton server ({message})", model)
-    if "unknown model" in lowered and "not found" in lowered:
-        return ModelNotFound(message, model)
-    if "not ready" in lowered or "no available versions" in lowered or "unknown model" in lowered:
-        return ModelNotReady(message, model)
-    if any(k in lowered for k in ("unexpected shape", "unexpected datatype", "expected", "unexpected inference input", "data type")):
-        return InvalidInput(message, model)
-    return InferenceFailed(message, model)
+    status = getattr(error, "status", None)
+    kind = _BY_STATUS.get(str(status() if callable(status) else status), InferenceFailed)
+    if kind is ServerUnavailable:
+        return kind(f"cannot reach the Triton server ({message})", model)
+    return kind(message, model)
 
 
 def _message(error: BaseException) -> str:

@@ -5,8 +5,8 @@ import importlib
 
 import numpy as np
 
-from client import specs
-from client.errors import InvalidInput
+from client.errors import InvalidInput, ModelNotReady, ServerUnavailable, TritonClientError
+from contract import specs
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
@@ -46,6 +46,41 @@ def validate(spec: specs.ModelSpec, inputs: dict[str, np.ndarray]) -> dict[str, 
 
 def batch_slices(batch: int, max_batch: int) -> list[slice]:
     return [slice(i, min(i + max_batch, batch)) for i in range(0, batch, max_batch)]
+
+
+def split(model: str, inputs: dict[str, np.ndarray]) -> tuple[specs.ModelSpec | None, list[dict]]:
+    """The requests `inputs` become: checked against the model's contract and cut
+    at its max batch. A model that is not one of ours is sent as it is."""
+    spec = specs.MODELS.get(model)
+    if spec is None:
+        return None, [inputs]
+    arrays = validate(spec, inputs)
+    batch = len(next(iter(arrays.values())))
+    if batch == 0:
+        raise InvalidInput("empty batch", model)
+    return spec, [{k: v[s] for k, v in arrays.items()} for s in batch_slices(batch, spec.max_batch_size)]
+
+
+def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The answers of split requests, back together in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def statistics_kwargs(protocol: str) -> dict:
+    return {"as_json": True} if protocol == "grpc" else {}
+
+
+def infer_kwargs(protocol: str, timeout_s: float) -> dict:
+    return {"client_timeout": timeout_s} if protocol == "grpc" else {}
+
+
+def not_ready(url: str, timeout_s: float, server_ready: bool, waiting: list[str]) -> TritonClientError:
+    """The error of a wait_until_ready that timed out, saying what was not ready."""
+    if not server_ready:
+        return ServerUnavailable(f"Triton at {url} not ready after {timeout_s:.0f} s")
+    return ModelNotReady(f"models not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
 
 
 def make_inputs(module, arrays: dict[str, np.ndarray], arena=None) -> list:

@@ -14,7 +14,7 @@ import numpy as np
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import triton_to_np_dtype
 
-from client import specs
+from contract import specs
 
 
 class SharedMemoryArena:

@@ -1,13 +1,13 @@
 """Architecture configs of MuseTalk's three weight sets, full size and tiny.
 
-`full` is the real architecture (shared/design/musetalk.md). `tiny` uses the
+`full` is the real architecture (docs/musetalk.md). `tiny` uses the
 same classes with small widths, keeping every tensor of the served contract
-(`client.specs`) unchanged, so that tests export and serve all five networks in
+(`contract.specs`) unchanged, so that tests export and serve all five networks in
 seconds with the same config.pbtxt files.
 """
 from __future__ import annotations
 
-from client import specs
+from contract import specs
 
 PROFILES = ("full", "tiny")
 

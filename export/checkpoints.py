@@ -13,7 +13,6 @@ to download it; there is never a silent fallback to random weights.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +20,6 @@ import torch
 from torch import nn
 
 from export.architectures import ARCHITECTURES
-
-# Everything is local: never let transformers/diffusers try the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COMPONENTS = ("whisper", "unet", "vae")
 UNET_FILES = {
@@ -125,8 +121,9 @@ class WeightSource:
                 model.load_state_dict(_torch_load(weights_file))
                 return model
             if component == "vae":
-                return AutoencoderKL.from_pretrained(config_file.parent)
-            return WhisperModel.from_pretrained(config_file.parent).encoder
+                # local_files_only: a folder on disk, never a try of the network.
+                return AutoencoderKL.from_pretrained(config_file.parent, local_files_only=True)
+            return WhisperModel.from_pretrained(config_file.parent, local_files_only=True).encoder
         except Exception as error:  # noqa: BLE001 - every failure gets the file's name
             raise CheckpointError(
                 f"cannot load {weights_file} (with {config_file.name}): {type(error).__name__}: "

@@ -3,7 +3,7 @@
 Each wrapper owns the pre/post-processing that the design pushes into the graph
 (uint8 in/out for the VAE, the timestep baked into the UNet, the stacked whisper
 hidden states), so the exported ONNX file is the whole contract of its
-`client.specs` entry and the front end does no per-pixel maths.
+`contract.specs` entry and the front end does no per-pixel maths.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from client import specs
+from contract import specs
 
 
 class AudioEncoder(nn.Module):

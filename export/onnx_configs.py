@@ -1,18 +1,18 @@
 """One declarative export config per network, in the manner of optimum's OnnxConfig.
 
-Each config names the `client.specs` contract it fulfils (tensor names, dtypes,
+Each config names the `contract.specs` contract it fulfils (tensor names, dtypes,
 shapes, hence the dynamic batch axes), the weights it is built from, how to make
 sample inputs, and the parity tolerance its export must meet against PyTorch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from client import specs
+from contract import specs
 from export import networks, rewrites
 
 

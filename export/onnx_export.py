@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import ExitStack
 import time
 import warnings
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import torch
 
+from contract.layout import DATA_FILE, EXPORT_KEY, PROFILE_KEY, SYNTHETIC_KEY, model_path, read_metadata
 from export.checkpoints import WeightSource
-from export.layout import DATA_FILE, model_path
+from export.metadata import set_metadata
 from export.onnx_configs import OnnxConfig
 from export.resources import PeakMemory
 
 # Bump when a graph changes in a way the weights key cannot see.
 EXPORT_FORMAT = 4
 OPSET = 17
-METADATA_KEY = "musetalk.export"
 PARITY_BATCHES = (1, 3)
 
 
@@ -72,10 +72,9 @@ def export_key(config: OnnxConfig, source: WeightSource) -> str:
 def recorded_key(path: Path) -> str | None:
     """The export key stored in an existing ONNX file, or None if unreadable."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return read_metadata(path).get(EXPORT_KEY)
     except Exception:  # noqa: BLE001 - a damaged file is simply redone
         return None
-    return {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
 
 
 def export_network(
@@ -145,14 +144,12 @@ def _finish(path: Path, config: OnnxConfig, key: str, source: WeightSource) -> N
     """Record where the graph came from, and store large weights in one file beside it."""
     model = onnx.load(str(path))
     _declare_shapes(model, config)
-    meta = {
-        METADATA_KEY: key,
-        "musetalk.synthetic": str(source.synthetic).lower(),
-        "musetalk.profile": source.profile,
-    }
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
+    del model.metadata_props[:]  # nothing of the exporter's: only what we record
+    set_metadata(model, {
+        EXPORT_KEY: key,
+        SYNTHETIC_KEY: str(source.synthetic).lower(),
+        PROFILE_KEY: source.profile,
+    })
     if source.synthetic:
         model.doc_string = "RANDOM WEIGHTS (--synthetic): real timings, meaningless outputs."
     for stale in path.parent.iterdir():  # the exporter may have written one file per tensor
@@ -168,7 +165,7 @@ def _declare_shapes(model: onnx.ModelProto, config: OnnxConfig) -> None:
 
     Tracing leaves some output dims symbolic (the VAE encoder's batch split, for
     one); Triton and TensorRT profiles read these declarations, so they state
-    the contract exactly: a dynamic batch, then the fixed dims of client.specs.
+    the contract exactly: a dynamic batch, then the fixed dims of contract.specs.
     """
     declared = {t.name: t for t in (*config.spec.inputs, *config.spec.outputs)}
     for value in (*model.graph.input, *model.graph.output):

@@ -20,7 +20,7 @@ class PeakMemory:
 
     peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:

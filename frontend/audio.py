@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from client import specs
+from contract import specs
 
 SEGMENT_SAMPLES = 30 * specs.SAMPLE_RATE
 N_FFT = 400
@@ -87,11 +87,14 @@ def _read_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
             raise AudioError("the file has no audio stream")
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=stream.rate)
-        chunks = [
-            r.to_ndarray()[0]
-            for frame in container.decode(stream)
-            for r in resampler.resample(frame)
-        ]
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                chunks.extend(r.to_ndarray()[0] for r in resampler.resample(frame))
+        except av.error.InvalidDataError:
+            if not chunks:
+                raise
+            # A file cut short (an interrupted recording): keep what was whole, as players do.
     if not chunks:
         raise AudioError("the audio stream holds no samples")
     return np.concatenate(chunks).astype(np.float32), stream.rate

@@ -13,14 +13,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 
-from client import specs
+from contract import specs
 from frontend.blending import Compositor, blend_mask
 from frontend.faces import FaceBox, LandmarkFinder, face_box
 from frontend.video import read_frames
@@ -30,11 +30,15 @@ FORMAT = 1
 
 
 class AvatarError(ValueError):
-    """An avatar request that cannot be honoured; `status` is the HTTP answer."""
+    """An avatar request that cannot be honoured (a bad id, no face...)."""
 
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
+
+class AvatarNotFound(AvatarError, LookupError):
+    """No avatar of that id."""
+
+
+class AvatarExists(AvatarError):
+    """An avatar of that id exists already (or is being prepared)."""
 
 
 def check_id(avatar_id: str) -> str:
@@ -76,9 +80,9 @@ class Avatar:
 
 def prepare(avatar_id: str, media: bytes, encode: Callable[[np.ndarray], np.ndarray],
             bbox_shift: int = 0, extra_margin: int = 10, max_frames: int = 250,
-            progress: Callable[[str], None] = print) -> Avatar:
+            progress: Callable[[str], None] = print, max_pixels: int | None = None) -> Avatar:
     """Build an avatar from an image or video's bytes; `encode` is Triton's vae_encoder."""
-    frames = read_frames(media, max_frames)
+    frames = read_frames(media, max_frames, max_pixels)
     finder = LandmarkFinder()
     boxes, landmarks, missing = [], [], []
     started = time.perf_counter()
@@ -139,7 +143,7 @@ class AvatarStore:
 
     def ensure_absent(self, avatar_id: str) -> None:
         if self.path(avatar_id).exists():
-            raise AvatarError(f"avatar {avatar_id!r} already exists; delete it first", 409)
+            raise AvatarExists(f"avatar {avatar_id!r} already exists; delete it first")
 
     def save(self, avatar: Avatar) -> None:
         target = self.path(avatar.id)
@@ -165,7 +169,7 @@ class AvatarStore:
                 return self._cache[avatar_id]
         folder = self.path(avatar_id)
         if not self.exists(avatar_id):
-            raise AvatarError(f"unknown avatar {avatar_id!r}", 404)
+            raise AvatarNotFound(f"unknown avatar {avatar_id!r}")
         with np.load(folder / "masks.npz") as masks:
             mask_list = [masks[f"arr_{i}"] for i in range(len(masks.files))]
         avatar = Avatar(
@@ -193,7 +197,7 @@ class AvatarStore:
     def delete(self, avatar_id: str) -> None:
         folder = self.path(avatar_id)
         if not self.exists(avatar_id):
-            raise AvatarError(f"unknown avatar {avatar_id!r}", 404)
+            raise AvatarNotFound(f"unknown avatar {avatar_id!r}")
         with self._lock:
             self._cache.pop(avatar_id, None)
             trash = self.root / f".staging-deleted-{avatar_id}-{uuid.uuid4().hex[:8]}"

@@ -1,34 +1,38 @@
-"""Front-end settings, from environment variables (MUSETALK_*) with sensible defaults."""
+"""Front-end settings, from environment variables (MUSETALK_*) with sensible defaults.
+
+    MUSETALK_TRITON_URL=gpu-host:8001 MUSETALK_BATCH_SIZE=32 uvicorn --factory frontend.app:create_app
+
+Values are parsed and checked by pydantic-settings: a bad value stops the
+service at start with the variable's name (MUSETALK_BATCH_SIZE=0 is refused,
+MUSETALK_SYNTHETIC_WEIGHTS=false is False).
+"""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract import specs
 
 
-def _env(name: str, default):
-    value = os.environ.get(f"MUSETALK_{name.upper()}")
-    if value is None:
-        return default
-    return type(default)(value) if not isinstance(default, Path) else Path(value)
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MUSETALK_", frozen=True)
 
-
-@dataclass(frozen=True)
-class Settings:
-    triton_url: str = "localhost:8001"
-    triton_protocol: str = "grpc"
-    avatar_dir: Path = Path("data/avatars")
+    triton_url: str = Field("localhost:8001", description="Triton's gRPC (or HTTP) host:port")
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    avatar_dir: Path = Field(Path("data/avatars"), description="where prepared avatars are stored")
     default_avatar: str = "default"
-    # An image or video prepared as the default avatar at start-up when missing ("" = none).
-    default_avatar_source: str = ""
-    max_audio_seconds: float = 120.0
-    max_upload_mb: float = 50.0
-    max_avatar_frames: int = 250
-    batch_size: int = 16
-    in_flight: int = 4
+    default_avatar_source: str = Field(
+        "", description="an image or video prepared as the default avatar at start-up when missing")
+    max_audio_seconds: float = Field(120.0, gt=0)
+    max_upload_mb: float = Field(50.0, gt=0)
+    max_avatar_frames: int = Field(250, ge=1)
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest image or video frame accepted, in pixels (checked before decoding)")
+    batch_size: int = Field(16, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request")
+    in_flight: int = Field(4, ge=1, description="batches kept in flight per request")
     x264_preset: str = "veryfast"
-
-    @classmethod
-    def from_env(cls, **overrides) -> "Settings":
-        values = {f.name: _env(f.name, f.default) for f in fields(cls)}
-        return cls(**{**values, **overrides})
+    synthetic_weights: bool | None = Field(
+        None, description="say that the models have random weights (default: ask Triton's model config)")

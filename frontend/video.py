@@ -15,23 +15,54 @@ class MediaError(ValueError):
     """The avatar upload is neither an image nor a video we can read."""
 
 
-def read_frames(data: bytes, max_frames: int) -> list[np.ndarray]:
-    """BGR frames of an image or a video file, cropped to even sizes (H.264's yuv420p needs them)."""
+class MediaTooLarge(MediaError):
+    """An image or video whose frames are over the pixel limit (found before decoding them)."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaTooLarge(f"the {what} is {width}x{height} ({width * height / 1e6:.1f} megapixels); "
+                            f"the limit is {max_pixels / 1e6:.1f} megapixels")
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, without decoding it; None if not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    # Pillow only reads the header here (OpenCV decodes), and the service checks its own
+    # limit: Pillow's decompression-bomb check would refuse before the size is known.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def read_frames(data: bytes, max_frames: int, max_pixels: int | None = None) -> list[np.ndarray]:
+    """BGR frames of an image or a video file, cropped to even sizes (H.264's yuv420p needs them).
+
+    Frames over `max_pixels` are refused before anything is decoded."""
     if not data:
         raise MediaError("the avatar file is empty")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    frames = [image] if image is not None else _decode_video(data, max_frames)
+    size = image_size(data)
+    if size is not None:
+        check_pixels(*size, max_pixels, "image")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if size else None
+    frames = [image] if image is not None else _decode_video(data, max_frames, max_pixels)
     if not frames:
         raise MediaError("the avatar video holds no frames")
     h, w = frames[0].shape[:2]
     return [np.ascontiguousarray(f[: h - h % 2, : w - w % 2]) for f in frames]
 
 
-def _decode_video(data: bytes, max_frames: int) -> list[np.ndarray]:
+def _decode_video(data: bytes, max_frames: int, max_pixels: int | None) -> list[np.ndarray]:
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise MediaError("the avatar file has no video stream")
+            codec = container.streams.video[0].codec_context
+            check_pixels(codec.width, codec.height, max_pixels, "video")
             frames = []
             for frame in container.decode(video=0):
                 frames.append(frame.to_ndarray(format="bgr24"))

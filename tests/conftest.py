@@ -7,27 +7,20 @@ scikit-image; the speech was spoken by espeak-ng.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from export.__main__ import main as export_main
+from support import BUILD, SPEECH
+from triton_local.repository import generate
+from triton_local.server import LocalTriton, Ports
 
-from export.__main__ import main as export_main  # noqa: E402
-from triton_local.repository import generate  # noqa: E402
-from triton_local.server import LocalTriton, Ports  # noqa: E402
-
-FIXTURES = Path(__file__).parent / "fixtures"
-BUILD = ROOT / "build" / "test"
 TINY_ONNX = BUILD / "tiny_onnx"
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx() -> Path:
+def tiny_onnx():
     """The five networks exported in the tiny profile (re-exported only when stale)."""
     assert export_main(["--synthetic", "--profile", "tiny", "--repository", str(TINY_ONNX)]) == 0
     return TINY_ONNX
@@ -47,7 +40,7 @@ def triton(tiny_onnx) -> LocalTriton:
 @pytest.fixture(scope="session")
 def speech_bytes() -> bytes:
     """5.6 s of real English speech (espeak-ng), 22.05 kHz mono FLAC."""
-    return (FIXTURES / "speech.flac").read_bytes()
+    return SPEECH.read_bytes()
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import WhisperConfig, WhisperModel
 
+from contract.layout import model_path
 from export.__main__ import main as export_main
 from export.architectures import ARCHITECTURES
 from export.checkpoints import CheckpointError, WeightSource
 from export.networks import AudioEncoder
-from export.onnx_export import model_path
 
 TINY = ARCHITECTURES["tiny"]
 

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from client import specs
+from contract import specs
+from contract.layout import model_path
 from export.checkpoints import WeightSource
 from export.networks import AudioEncoder, PositionalEncoding
-from export.onnx_export import model_path
 
 
 def session(repo, name):

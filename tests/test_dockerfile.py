@@ -5,7 +5,7 @@ import re
 import shutil
 import subprocess
 
-from conftest import ROOT
+from support import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile.triton"
 

@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from client import specs
-from conftest import ROOT
+from contract import specs
+from contract.layout import EXPORT_KEY, model_path
 from export.checkpoints import WeightSource
 from export.onnx_configs import CONFIGS, Tolerance
-from export.onnx_export import METADATA_KEY, ParityError, export_network, model_path
+from export.onnx_export import ParityError, export_network
+from support import ROOT
 
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.UINT8: "uint8"}
 
@@ -59,7 +60,7 @@ def test_onnx_contract_matches_specs_and_runs_at_any_batch(tiny_onnx, name):
     model = onnx.load(str(path), load_external_data=False)
     spec = specs.NETWORKS[name]
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["musetalk.synthetic"] == "true" and METADATA_KEY in meta
+    assert meta["musetalk.synthetic"] == "true" and EXPORT_KEY in meta
     for declared, graph in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
         assert [t.name for t in declared] == [g.name for g in graph]
         for tensor, g in zip(declared, graph):

@@ -16,9 +16,10 @@ from fastapi.testclient import TestClient
 from frontend.app import create_app
 from frontend.avatars import AvatarStore
 from frontend.settings import Settings
+from support import speech_seconds
 from triton_local.server import LocalTriton, Ports
 
-SPEECH_SECONDS = 122505 / 22050  # the fixture's length
+SPEECH_SECONDS = speech_seconds()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_speech_becomes_a_lip_synced_video(api, speech_bytes, face_image, fps):
 
     # Outside the face box every pixel is the avatar's own (up to H.264's loss);
     # inside its lower half the generated face was blended in.
-    box = api.app.state.store.load("astronaut").boxes[0]
+    box = api.app.state.services.store.load("astronaut").boxes[0]
     outside = np.ones(face_image.shape[:2], bool)
     outside[box.y1 : box.y2, box.x1 : box.x2] = False
     frame = frames[len(frames) // 2].astype(int)
@@ -132,7 +133,7 @@ def test_video_avatar_cycles_ping_pong(api, face_image, speech_bytes):
     created = api.post("/avatars", data={"avatar_id": "drift"},
                        files={"file": ("drift.mp4", buffer.getvalue(), "video/mp4")})
     assert created.status_code == 201, created.text
-    avatar = api.app.state.store.load("drift")
+    avatar = api.app.state.services.store.load("drift")
     assert len(avatar.frames) == 4
     assert [avatar.cycle_index(i) for i in range(10)] == [0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
     assert avatar.boxes[3].x1 > avatar.boxes[0].x1  # the box follows the face
@@ -210,7 +211,7 @@ def test_bad_avatars_are_clear_json_errors(api, settings, face_png, speech_bytes
     response = api.post("/avatars", data={"avatar_id": avatar_id}, files={"file": ("x", data)})
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
-    assert not (settings.avatar_dir / avatar_id).exists() or avatar_id.startswith("..")
+    assert not (settings.avatar_dir / avatar_id).exists()  # for "../evil": nothing beside the store
     assert no_leftovers(settings)
     assert_still_serving(api, speech_bytes)
 
@@ -247,18 +248,33 @@ def test_triton_down_is_503_and_recovers_without_restart(api, settings, speech_b
             assert post_speech(down_api, speech_bytes, skip_save_images="true").status_code == 200
 
 
-def test_default_avatar_is_prepared_at_start_up(triton, tmp_path, face_png, speech_bytes):
+def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_png, speech_bytes,
+                                                        monkeypatch):
+    """A client that waits for /readyz never gets "still being prepared"."""
+    import threading
     import time
 
+    from frontend.services import Services
+
+    looked = threading.Event()  # the preparation waits until the test has looked
+    prepare_default = Services._prepare_default
+    monkeypatch.setattr(Services, "_prepare_default",
+                        lambda self, source: (looked.wait(60), prepare_default(self, source)))
     photo = tmp_path / "portrait.png"
     photo.write_bytes(face_png)
     settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars",
                         default_avatar="house", default_avatar_source=str(photo))
     with TestClient(create_app(settings)) as api:
+        not_yet = api.get("/readyz")
+        assert not_yet.status_code == 503 and "still being prepared" in not_yet.json()["error"]
+        early = api.post("/onnx-infer", data={"skip_save_images": "true"},
+                         files={"audio_file": ("speech.flac", speech_bytes)})
+        assert early.status_code == 503 and "still being prepared" in early.json()["error"]
+        looked.set()
         deadline = time.monotonic() + 120
-        while api.get("/avatars/house").status_code != 200:
-            assert time.monotonic() < deadline, "default avatar never appeared"
-            time.sleep(0.5)
+        while api.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.2)
         response = api.post("/onnx-infer", data={"skip_save_images": "true"},
                             files={"audio_file": ("speech.flac", speech_bytes)})
         assert response.status_code == 200 and response.json()["avatar_id"] == "house"
@@ -267,7 +283,59 @@ def test_default_avatar_is_prepared_at_start_up(triton, tmp_path, face_png, spee
 def test_connections_do_not_pile_up_across_requests(api, speech_bytes):
     """In-flight requests run on the client's own threads: no new connections per request."""
     post_speech(api, speech_bytes, skip_save_images="true")
-    before = len(api.app.state.client._workers)
+    before = len(api.app.state.services.client._workers)
     for _ in range(3):
         assert post_speech(api, speech_bytes, skip_save_images="true").status_code == 200
-    assert len(api.app.state.client._workers) <= before + 2
+    assert len(api.app.state.services.client._workers) <= before + 2
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with one empty data chunk: what a
+    decompression bomb looks like to a server that reads headers before pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(16000, 16000), (5000, 4000)])
+def test_huge_images_are_refused_before_decoding(api, settings, width, height):
+    response = api.post("/avatars", data={"avatar_id": "bomb"},
+                        files={"file": ("bomb.png", png_header(width, height), "image/png")})
+    assert response.status_code == 413, response.text
+    assert f"{width}x{height}" in response.json()["error"] and "megapixels" in response.json()["error"]
+    assert not (settings.avatar_dir / "bomb").exists()
+
+
+def test_pixel_limit_is_a_setting_for_images_and_videos(triton, tmp_path, face_png, face_image):
+    small = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars", max_image_pixels=256 * 256)
+    with TestClient(create_app(small)) as api:
+        image = api.post("/avatars", data={"avatar_id": "big"}, files={"file": ("a.png", face_png)})
+        assert image.status_code == 413 and "512x512" in image.json()["error"]
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="mp4") as out:
+            stream = out.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(face_image, format="bgr24")):
+                out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        video = api.post("/avatars", data={"avatar_id": "big"}, files={"file": ("a.mp4", buffer.getvalue())})
+        assert video.status_code == 413 and "video is 512x512" in video.json()["error"]
+
+
+def test_settings_parse_values_and_refuse_bad_ones(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("MUSETALK_SYNTHETIC_WEIGHTS", "false")
+    monkeypatch.setenv("MUSETALK_BATCH_SIZE", "8")
+    settings = Settings()
+    assert settings.synthetic_weights is False and settings.batch_size == 8
+    monkeypatch.setenv("MUSETALK_BATCH_SIZE", "0")
+    with pytest.raises(ValidationError, match="batch_size"):
+        Settings()

@@ -5,13 +5,12 @@ import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client import specs
-from conftest import ROOT
-from export.onnx_export import model_path
+from contract import specs
+from contract.layout import model_path
+from support import ROOT
 from triton_local.repository import Runtime, local_config, source_configs
 
 CONFIGS = source_configs(ROOT / "model_repository")
-DTYPES = {"float32": mc.TYPE_FP32, "uint8": mc.TYPE_UINT8}
 ONNX_DTYPES = {mc.TYPE_FP32: onnx.TensorProto.FLOAT, mc.TYPE_UINT8: onnx.TensorProto.UINT8}
 
 
@@ -28,7 +27,7 @@ def test_config_agrees_with_spec(name):
     assert config.max_batch_size == spec.max_batch_size
     for declared, tensors in ((config.input, spec.inputs), (config.output, spec.outputs)):
         assert [(t.name, t.data_type, tuple(t.dims)) for t in declared] == \
-            [(t.name, DTYPES[t.dtype], t.shape) for t in tensors]
+            [(t.name, mc.DataType.Value(t.triton_dtype), t.shape) for t in tensors]
 
 
 @pytest.mark.parametrize("name", list(specs.NETWORKS))
@@ -44,18 +43,38 @@ def _tensorrt(config):
     return {a.name: dict(a.parameters) for a in accelerators}.get("tensorrt")
 
 
-def test_unet_runs_tensorrt_fp16_with_caches_and_warmup():
-    trt = _tensorrt(CONFIGS["unet"])
-    assert trt["precision_mode"] == "FP16"
-    assert trt["trt_engine_cache_enable"] == "1" and trt["trt_engine_cache_path"].startswith("/cache/")
-    assert trt["trt_timing_cache_enable"] == "1"
-    assert trt["trt_profile_max_shapes"].startswith("latents:32x8x32x32")
-    warmup = CONFIGS["unet"].model_warmup[0]
-    assert warmup.batch_size == CONFIGS["unet"].max_batch_size
-    assert set(warmup.inputs) == {"latents", "audio_embedding"}
+def profile_shapes(spec: specs.ModelSpec, batch: int) -> str:
+    """A TensorRT optimisation-profile shape list, as onnxruntime's TensorRT provider reads it."""
+    return ",".join(f"{t.name}:{'x'.join(map(str, (batch, *t.shape)))}" for t in spec.inputs)
 
 
-def test_vae_decoder_is_not_reduced_precision():
+ACCELERATED = [name for name in specs.NETWORKS if _tensorrt(CONFIGS[name])]
+
+
+def test_the_per_frame_networks_use_tensorrt():
+    assert sorted(ACCELERATED) == ["unet", "vae_decoder"]
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_tensorrt_profile_and_warmup_follow_the_contract(name):
+    """One profile from batch 1 to the max batch, optimised at the smallest preferred batch
+    (the front end's default), built during warm-up at the max batch with every input of
+    the contract: no request shape can trigger an engine build at serving time."""
+    config, spec = CONFIGS[name], specs.NETWORKS[name]
+    trt = _tensorrt(config)
+    assert trt["trt_profile_min_shapes"] == profile_shapes(spec, 1)
+    assert trt["trt_profile_opt_shapes"] == profile_shapes(spec, min(config.dynamic_batching.preferred_batch_size))
+    assert trt["trt_profile_max_shapes"] == profile_shapes(spec, spec.max_batch_size)
+    assert trt["trt_engine_cache_enable"] == "1" and trt["trt_engine_cache_path"] == f"/cache/trt/{name}"
+    assert trt["trt_timing_cache_enable"] == "1" and trt["trt_timing_cache_path"] == "/cache/trt/timing"
+    [warmup] = config.model_warmup
+    assert warmup.batch_size == spec.max_batch_size
+    assert {k: (v.data_type, tuple(v.dims), v.random_data) for k, v in warmup.inputs.items()} == \
+        {t.name: (mc.DataType.Value(t.triton_dtype), t.shape, True) for t in spec.inputs}
+
+
+def test_unet_is_fp16_and_vae_decoder_is_not_reduced_precision():
+    assert _tensorrt(CONFIGS["unet"])["precision_mode"] == "FP16"
     assert _tensorrt(CONFIGS["vae_decoder"])["precision_mode"] == "FP32"
 
 

@@ -5,9 +5,9 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from client import (
     AsyncMuseTalkClient,
@@ -15,26 +15,11 @@ from client import (
     ModelNotFound,
     MuseTalkClient,
     ServerUnavailable,
-    specs,
 )
-from export.onnx_export import model_path
+from client.errors import InferenceFailed, ModelNotReady, translate
+from contract import specs
+from support import frames, local_chain
 from triton_local.server import Ports
-
-rng = np.random.default_rng(7)
-
-
-def frames(n: int):
-    return (rng.standard_normal((n, 50, 384)).astype(np.float32),
-            rng.standard_normal((n, 8, 32, 32)).astype(np.float32))
-
-
-def local_chain(repo, audio, latents):
-    """onnxruntime on the same three ONNX files, chained by hand."""
-    run = {n: ort.InferenceSession(str(model_path(repo, n)), providers=["CPUExecutionProvider"])
-           for n in ("positional_encoding", "unet", "vae_decoder")}
-    embedded = run["positional_encoding"].run(None, {"audio_chunk": audio})[0]
-    pred = run["unet"].run(None, {"latents": latents, "audio_embedding": embedded})[0]
-    return run["vae_decoder"].run(None, {"pred_latents": pred})[0]
 
 
 def test_every_model_and_the_ensemble_are_ready(triton):
@@ -109,26 +94,44 @@ def test_bad_inputs_are_clear_client_errors(triton):
             client.infer("no_such_model", {"x": audio})
 
 
-def test_server_side_rejections_are_translated(triton):
-    """Requests that bypass the SDK's own checks: Triton's refusals become InvalidInput."""
-    from client.errors import translate
-
-    raw = grpcclient.InferenceServerClient(triton.grpc_url)
-    wrong = grpcclient.InferInput("latents", [1, 8, 32, 31], "FP32")
-    wrong.set_data_from_numpy(np.zeros((1, 8, 32, 31), np.float32))
-    audio = grpcclient.InferInput("audio_embedding", [1, 50, 384], "FP32")
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case, expected", [
+    ("wrong shape", InvalidInput), ("missing input", InvalidInput), ("unknown model", ModelNotFound),
+])
+def test_server_side_rejections_are_classified_by_status_code(triton, protocol, case, expected):
+    """Requests that bypass the SDK's own checks: Triton's answers are classified by the
+    gRPC status code or HTTP status their exception carries, whatever the message says."""
+    module, url = (grpcclient, triton.grpc_url) if protocol == "grpc" else (httpclient, triton.http_url)
+    raw = module.InferenceServerClient(url)
+    latents = module.InferInput("latents", [1, 8, 32, 31 if case == "wrong shape" else 32], "FP32")
+    latents.set_data_from_numpy(np.zeros(latents.shape(), np.float32))
+    audio = module.InferInput("audio_embedding", [1, 50, 384], "FP32")
     audio.set_data_from_numpy(np.zeros((1, 50, 384), np.float32))
+    inputs = {"wrong shape": [latents, audio], "missing input": [audio], "unknown model": [audio]}[case]
     with pytest.raises(Exception) as caught:
-        raw.infer("unet", [wrong, audio])
-    assert isinstance(translate(caught.value, "unet"), InvalidInput)
+        raw.infer("no_such_model" if case == "unknown model" else "unet", inputs)
+    assert type(translate(caught.value, "unet")) is expected
 
 
-def test_unreachable_server_is_a_clear_error():
+def test_classification_ignores_the_message_text():
+    """A failure whose text happens to say "expected" is not an input error."""
+    from tritonclient.utils import InferenceServerException
+
+    internal = InferenceServerException("expected the GPU to answer", status="StatusCode.INTERNAL")
+    assert type(translate(internal, "unet")) is InferenceFailed
+    assert type(translate(InferenceServerException("x", status="503"), "unet")) is ModelNotReady
+    assert type(translate(ConnectionRefusedError(111, "refused"), "unet")) is ServerUnavailable
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unreachable_server_is_a_clear_error(protocol):
     port = Ports.free().grpc
-    with MuseTalkClient(f"localhost:{port}", timeout_s=5) as client:
+    with MuseTalkClient(f"localhost:{port}", protocol, timeout_s=5) as client:
         assert not client.server_ready()
         with pytest.raises(ServerUnavailable, match="cannot reach"):
             client.musetalk(*frames(1))
+        with pytest.raises(ServerUnavailable, match="not ready after"):
+            client.wait_until_ready(timeout_s=0.5)
 
 
 def test_perf_analyzer_measures_the_ensemble(triton):
@@ -139,6 +142,19 @@ def test_perf_analyzer_measures_the_ensemble(triton):
                                     batch_size=1, measurement_ms=1500)
     out = run(command, timeout=300)
     assert "Throughput" in out
+
+
+def test_wait_until_ready_names_what_is_missing(triton):
+    with MuseTalkClient(triton.grpc_url) as client:
+        client.wait_until_ready(timeout_s=30)  # every model of the contract is served
+        with pytest.raises(ModelNotReady, match="not_a_model"):
+            client.wait_until_ready(timeout_s=0.5, models=["unet", "not_a_model"])
+
+
+def test_model_config_says_whether_weights_are_synthetic(triton):
+    with MuseTalkClient(triton.http_url, "http") as client:
+        parameters = client.model_config("unet")["parameters"]
+    assert parameters["musetalk.synthetic"]["string_value"] == "true"
 
 
 def test_submit_keeps_requests_in_flight_on_the_clients_threads(triton):

@@ -8,16 +8,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from client import specs
+from contract import specs
 from triton_local.repository import generate
 from triton_local.runtimes import describe, runtimes_for
-from triton_local.server import BUILD, LocalTriton, Ports, http_ok
+from triton_local.server import BUILD, LocalTriton, Ports
 
 
 def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / "triton_repository",
@@ -29,27 +28,16 @@ def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / 
     started = time.perf_counter()
     with tqdm(total=len(specs.MODELS), desc="tritonserver: models ready", unit="model",
               disable=not progress) as bar:
-        done = threading.Event()
+        def show_ready_models() -> None:
+            bar.update(sum(map(server.model_ready, specs.MODELS)) - bar.n)
 
-        def follow():
-            while not done.wait(0.5):
-                ready = sum(http_ok(f"http://{server.http_url}/v2/models/{m}/ready") for m in specs.MODELS)
-                bar.update(max(0, ready - bar.n))
-
-        watcher = threading.Thread(target=follow, daemon=True)
-        watcher.start()
-        try:
-            server.start()
-        finally:
-            done.set()
-            watcher.join()
+        server.start(on_wait=show_ready_models)
         bar.update(bar.total - bar.n)
     print(f"tritonserver ready in {time.perf_counter() - started:.1f} s "
           f"({server.resident_bytes() / 2**30:.2f} GiB resident)\n"
           f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
-          f"  metrics  http://localhost:{server.ports.metrics}/metrics", flush=True)
+          f"  metrics  {server.metrics_url}", flush=True)
     return server
-
 
 
 def serve_until_stopped(*processes: subprocess.Popen) -> bool:

@@ -15,6 +15,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from contract.layout import SYNTHETIC_KEY, model_path, read_metadata
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE = PROJECT_ROOT / "model_repository"
 PYTHON_MODEL = Path(__file__).resolve().parent / "python_model.py"
@@ -68,13 +70,15 @@ def generate(
     """Write the local repository to `target` (replacing it); return the model names.
 
     ONNX files are read from `onnx_repository/<name>/1/model.onnx`, where
-    `python -m export --repository` wrote them.
+    `python -m export --repository` wrote them. Each model's parameters also say
+    whether its weights are synthetic (random), so that the front end can tell
+    its users (`musetalk.synthetic`, read with Triton's model config API).
     """
     runtimes = runtimes or {}
     configs = source_configs(source)
     missing = [
         name for name, c in configs.items()
-        if c.platform != "ensemble" and not (Path(onnx_repository) / name / "1" / "model.onnx").is_file()
+        if c.platform != "ensemble" and not model_path(onnx_repository, name).is_file()
     ]
     if missing:
         raise FileNotFoundError(
@@ -86,8 +90,10 @@ def generate(
         version = Path(target) / name / "1"
         version.mkdir(parents=True)
         if config.platform != "ensemble":
-            onnx_model = Path(onnx_repository) / name / "1" / "model.onnx"
+            onnx_model = model_path(onnx_repository, name)
             config = local_config(config, onnx_model, runtimes.get(name, Runtime()))
+            synthetic = read_metadata(onnx_model).get(SYNTHETIC_KEY, "unknown")
+            config.parameters[SYNTHETIC_KEY].string_value = synthetic
             (version / "model.py").symlink_to(PYTHON_MODEL)
         (Path(target) / name / "config.pbtxt").write_text(text_format.MessageToString(config))
     return list(configs)

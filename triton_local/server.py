@@ -1,8 +1,15 @@
 """Start and stop a real tritonserver on a machine without a GPU or Docker.
 
 The binary comes from the nvidia-pytriton wheel installed in the server's own
-environment (.venv-triton: numpy<2, onnxruntime, openvino). Every pitfall
-handled here is listed in shared/design/triton-local.md.
+environment (.venv-triton: numpy<2, onnxruntime, openvino). docs/local-triton.md
+lists every pitfall handled here, numbered as the comments below cite them.
+
+The server leaves nothing behind, whichever way it stops: stop() ends the whole
+process group (python-backend stubs included) even after tritonserver died on
+its own; every stub exits by itself when its tritonserver is gone
+(python_model.py); and start() first removes what an earlier crash left (stubs
+of this project's backend folder whose tritonserver is gone, and shared-memory
+regions that no process maps any more).
 """
 from __future__ import annotations
 
@@ -11,21 +18,38 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from client.readiness import wait_for
 from triton_local.repository import PROJECT_ROOT
 
 DEFAULT_VENV = PROJECT_ROOT / ".venv-triton"
 BUILD = PROJECT_ROOT / "build"
+BACKENDS = BUILD / "triton_backends"
+STUB = "triton_python_backend_stub"
+SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
 class ServerError(RuntimeError):
     """The local server could not be started, or died."""
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass(frozen=True)
@@ -35,7 +59,7 @@ class Ports:
     metrics: int = 8002
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         """Three ports nothing listens on now (for tests running beside a user's server)."""
         socks = [socket.socket() for _ in range(3)]
         for s in socks:
@@ -44,6 +68,13 @@ class Ports:
         for s in socks:
             s.close()
         return ports
+
+    @classmethod
+    def defaults_or_free(cls) -> Ports:
+        """Triton's usual ports when all three are free, else three free ones."""
+        default = cls()
+        return default if not any(map(listening, (default.http, default.grpc, default.metrics))) \
+            else cls.free()
 
 
 class ServerEnvironment:
@@ -69,27 +100,27 @@ class ServerEnvironment:
         return json.loads(out.stdout)
 
     @property
-    def tritonserver(self) -> Path:
-        return Path(self.facts["pytriton"]) / "tritonserver" / "bin" / "tritonserver"
+    def server_dir(self) -> Path:
+        return Path(self.facts["pytriton"]) / "tritonserver"
 
-    def backend_directory(self, folder: Path) -> Path:
+    @property
+    def tritonserver(self) -> Path:
+        return self.server_dir / "bin" / "tritonserver"
+
+    def backend_directory(self, folder: Path = BACKENDS) -> Path:
         """A backend folder holding the python backend, SYMLINKED: the binaries find
         their bundled libraries through $ORIGIN-relative RPATHs (pitfall 1)."""
-        server = Path(self.facts["pytriton"]) / "tritonserver"
+        server = self.server_dir
         python = folder / "python"
         python.mkdir(parents=True, exist_ok=True)
         links = {
             "libtriton_python.so": server / "backends" / "python" / "libtriton_python.so",
             "triton_python_backend_utils.py":
                 server / "backends" / "python" / "triton_python_backend_utils.py",
-            "triton_python_backend_stub":
-                server / "python_backend_stubs" / self.facts["version"] / "triton_python_backend_stub",
+            STUB: server / "python_backend_stubs" / self.facts["version"] / STUB,
         }
         for name, target in links.items():
-            link = python / name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(target)
+            relink(python / name, target)
         return folder
 
     def process_env(self) -> dict[str, str]:
@@ -128,13 +159,15 @@ class LocalTriton:
     def grpc_url(self) -> str:
         return f"localhost:{self.ports.grpc}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.ports.metrics}/metrics"
+
     def command(self) -> list[str]:
-        env = self.environment
-        backends = env.backend_directory(BUILD / "triton_backends")
         return [
-            str(env.tritonserver),
+            str(self.environment.tritonserver),
             f"--model-repository={self.repository}",
-            f"--backend-directory={backends}",
+            f"--backend-directory={self.environment.backend_directory()}",
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
@@ -145,27 +178,33 @@ class LocalTriton:
             "--exit-timeout-secs=1",
         ]
 
-    def start(self, timeout: float = 600.0) -> "LocalTriton":
+    def start(self, timeout: float = 600.0, on_wait: Callable[[], None] | None = None) -> LocalTriton:
+        """Start and wait until every model is ready; `on_wait` is called at each poll
+        (to show progress)."""
+        remove_leftovers()
         for port in (self.ports.http, self.ports.grpc, self.ports.metrics):
-            if _listening(port):
+            if listening(port):
                 raise ServerError(f"port {port} is already in use: is another server running?")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_file.open("wb")
-        self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT,
-            env=self.environment.process_env(), start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"tritonserver exited with code {self.process.returncode}; "
-                    f"last lines of {self.log_file}:\n{self.log_tail()}"
-                )
-            if self.ready():
-                return self
-            time.sleep(0.25)
+        with self.log_file.open("wb") as log:
+            # A session of its own: stop() signals the whole group, stubs included.
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT,
+                env=self.environment.process_env(), start_new_session=True,
+            )
+        def ready() -> bool:
+            if on_wait:
+                on_wait()
+            return self.ready()
+
+        if wait_for(ready, timeout, give_up=lambda: self.process.poll() is not None):
+            return self
+        if self.process.poll() is not None:
+            self.stop()
+            raise ServerError(
+                f"tritonserver exited with code {self.process.returncode}; "
+                f"last lines of {self.log_file}:\n{self.log_tail()}"
+            )
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -173,15 +212,23 @@ class LocalTriton:
         """True when the server and every model in its repository are ready."""
         return http_ok(f"http://{self.http_url}/v2/health/ready")
 
+    def model_ready(self, model: str) -> bool:
+        return http_ok(f"http://{self.http_url}/v2/models/{model}/ready")
+
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop tritonserver and every process of its group, even if it died already."""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        group = self.process.pid  # the session leader's pid is the group id
+        _signal_group(group, signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            _signal_group(group, signal.SIGKILL)
             self.process.wait()
+        # Stubs stop within a second of their server; whatever is still there goes now.
+        if not wait_for(lambda: not _group_alive(group), 5.0, 0.1):
+            _signal_group(group, signal.SIGKILL)
 
     def resident_bytes(self) -> int:
         """Resident memory of the server and its python-backend stubs together."""
@@ -198,11 +245,73 @@ class LocalTriton:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "LocalTriton":
+    def __enter__(self) -> LocalTriton:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass  # nothing of the group is left
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def remove_leftovers(backends: Path = BACKENDS) -> list[int]:
+    """Kill python-backend stubs started from `backends` whose tritonserver is gone
+    (an earlier crash), and unlink shared-memory regions no process maps any more.
+    Returns the pids killed."""
+    import psutil
+
+    stub = str(backends / "python" / STUB)
+    killed = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if (process.info["cmdline"] or [None])[0] == stub and not _has_tritonserver_parent(process):
+                process.kill()
+                killed.append(process.pid)
+        except psutil.Error:
+            pass  # gone meanwhile
+    psutil.wait_procs([psutil.Process(p) for p in killed if psutil.pid_exists(p)], timeout=5)
+    _remove_unmapped_regions()
+    return killed
+
+
+def _remove_unmapped_regions(shm: Path = Path("/dev/shm")) -> None:
+    regions = list(shm.glob(f"{SHM_PREFIX}*"))
+    if not regions:
+        return
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines() if SHM_PREFIX in line)
+        except OSError:
+            continue  # the process ended meanwhile, or is not ours to read
+    for region in regions:
+        if str(region) not in mapped:
+            region.unlink(missing_ok=True)
+
+
+def _has_tritonserver_parent(process) -> bool:
+    parent = process.parent()
+    return parent is not None and parent.name() == "tritonserver"
+
+
+def relink(link: Path, target: Path) -> None:
+    """Make `link` a symbolic link to `target`, whatever was there before."""
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
 
 
 def http_url_beside(grpc_url: str) -> str:
@@ -219,9 +328,3 @@ def http_ok(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0

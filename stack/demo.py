@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
 import threading
 import time
@@ -22,44 +21,43 @@ import httpx
 import soundfile
 from tqdm import tqdm
 
-from export.__main__ import main as export_main
-from frontend.stack import FrontEnd
+from stack.exports import PROFILES, ensure_exported, real_weights
+from stack.frontend_process import FrontEnd
 from triton_local.launch import start as start_triton
-from triton_local.server import BUILD, Ports, http_url_beside
+from triton_local.server import BUILD, Ports, free_port, http_url_beside, listening
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 AVATAR_ID = "demo"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m frontend.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--speech", type=Path, default=ASSETS / "demo_speech.flac")
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--profile", choices=["full", "tiny"], default="full",
+    p.add_argument("--profile", choices=PROFILES, default="full",
                    help="tiny: small random models, for a one-minute look at the whole path")
     p.add_argument("--output", type=Path, default=BUILD / "demo" / "musetalk_demo.mp4")
     p.add_argument("--triton-url", help="gRPC host:port of a running Triton (e.g. the GPU "
                    "container): skip the export and the local server")
     args = p.parse_args(argv)
 
-    real = Path("models/musetalkV15/unet.pth").is_file() and args.profile == "full"
+    real = real_weights(args.profile)
     if args.triton_url:
         step("1-2/5 use the Triton server at " + args.triton_url)
         server = RemoteTriton(args.triton_url)
         real = True  # whatever it serves: the demo cannot tell
     else:
-        repository = Path("model_repository") if args.profile == "full" else BUILD / "demo_tiny_onnx"
         step("1/5 export the networks to ONNX" + ("" if real else " (SYNTHETIC random weights)"))
-        source = ["--weights", "models"] if real else ["--synthetic", "--profile", args.profile]
-        if export_main([*source, "--repository", str(repository)]) != 0:
+        repository = ensure_exported(args.profile)
+        if repository is None:
             return 1
         step("2/5 start the local Triton server")
-        server = start_triton(repository, _ports())
+        server = start_triton(repository, Ports.defaults_or_free())
     frontend = None
     try:
         step("3/5 start the front end")
-        frontend = FrontEnd(server.grpc_url, _free_port(8080),
+        frontend = FrontEnd(server.grpc_url, 8080 if not listening(8080) else free_port(),
                             env={"MUSETALK_AVATAR_DIR": str(BUILD / "demo" / f"avatars-{args.profile}")}).start()
         print(f"front end: {frontend.url} (API docs: {frontend.url}/docs)")
         with httpx.Client(base_url=frontend.url, timeout=None) as http:
@@ -155,21 +153,6 @@ def report(output: Path, t: dict, real: bool) -> None:
           f"({t['frames_per_second']:.2f} frames/s)")
     if not real:
         print("NOTE: SYNTHETIC random weights: the timings are real, the lips are noise, not speech.")
-
-
-def _free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", preferred)) != 0:
-            return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports() -> Ports:
-    default = Ports()
-    return default if all(_free_port(p) == p for p in (default.http, default.grpc, default.metrics)) \
-        else Ports.free()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """The tensor contract of every model we serve: declared once, used everywhere.
 
 The ONNX export names its graph inputs and outputs from these specs, the tests
-check every `model_repository/*/config.pbtxt` against them, the local server is
-generated from those configs, and the client validates arrays before sending.
-Shapes exclude the batch dimension, which is always dynamic (Triton's
-onnxruntime backend requires a dynamic first dimension when max_batch_size > 0).
+check every `model_repository/*/config.pbtxt` against them (tensors, batch
+limits, TensorRT profiles and warm-up), the local server is generated from those
+configs, and the client validates arrays before sending. Shapes exclude the
+batch dimension, which is always dynamic (Triton's onnxruntime backend requires
+a dynamic first dimension when max_batch_size > 0).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# MuseTalk constants (see shared/design/musetalk.md).
+# MuseTalk's constants (docs/musetalk.md says where each comes from).
 SAMPLE_RATE = 16_000
 MEL_BINS = 80
 MEL_FRAMES = 3000  # 30 s of audio at a 160-sample hop
@@ -38,11 +39,6 @@ class TensorSpec:
     def triton_dtype(self) -> str:
         """The dtype as Triton's config.pbtxt writes it (TYPE_FP32, TYPE_UINT8)."""
         return _TRITON_DTYPES[self.dtype]
-
-    @property
-    def wire_dtype(self) -> str:
-        """The dtype as Triton's inference protocol writes it (FP32, UINT8)."""
-        return self.triton_dtype.removeprefix("TYPE_")
 
     def check(self, array: np.ndarray) -> None:
         """Raise ValueError naming the tensor if `array` breaks the contract."""

@@ -1,0 +1,65 @@
+"""How an exported ONNX file runs outside Triton's own onnxruntime backend.
+
+The local server's python-backend model, the export's bf16 gate and the
+benchmarks all open files through `open_runner`, so the gate measures exactly
+what the local server then serves. A runner maps input arrays by name to output
+arrays by name.
+
+  runtime "onnxruntime": the CPU execution provider (fp32, the reference).
+  runtime "openvino": OpenVINO on the CPU with an inference precision hint,
+      "f32" or "bf16" (AVX-512 BF16 / AMX halve the UNet and VAE decoder's cost).
+
+Only numpy is imported here; the runtimes are imported when used, so this
+module also loads inside the local server's own environment (numpy<2).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def onnxruntime_runner(path: Path, threads: int = 0, providers: list | None = None) -> Runner:
+    """onnxruntime on the CPU (default), or with the given execution providers (CUDA, TensorRT)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # Without the arena, a batch's activations (GBs for the VAE at 256x256) go
+    # back to the system after the call instead of staying reserved for ever.
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
+
+
+def openvino_runner(path: Path, precision: str = "f32", threads: int = 0) -> Runner:
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = request.infer(feeds)
+        return {out.get_any_name(): np.array(results[out]) for out in compiled.outputs}
+
+    return run
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def open_runner(path: Path, runtime: str = "onnxruntime", precision: str = "f32",
+                threads: int = 0) -> Runner:
+    """A runner for the ONNX file at `path` (precision applies to OpenVINO only)."""
+    if runtime == "onnxruntime":
+        return onnxruntime_runner(path, threads)
+    if runtime == "openvino":
+        return openvino_runner(path, precision, threads)
+    raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")

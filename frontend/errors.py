@@ -1,0 +1,87 @@
+"""Every error the service answers, in one table: exception type -> HTTP status.
+
+Errors are JSON: {"error": "...what was wrong..."}. Bad input is a 4xx and
+loses nothing; 503 means Triton, a model or the default avatar is not ready yet
+(retry); 502 means Triton failed on a request it accepted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from client.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ServerUnavailable,
+    TritonClientError,
+)
+from frontend.audio import AudioError
+from frontend.avatars import AvatarError, AvatarExists, AvatarNotFound
+from frontend.video import MediaError, MediaTooLarge
+
+log = logging.getLogger("musetalk.frontend")
+
+
+class UploadTooLarge(ValueError):
+    """An uploaded file over MUSETALK_MAX_UPLOAD_MB."""
+
+
+class NotReady(RuntimeError):
+    """The service cannot serve this yet (the default avatar is being prepared)."""
+
+
+# (status, prefix of the message); the most specific class that matches wins.
+STATUS: dict[type[BaseException], tuple[int, str]] = {
+    UploadTooLarge: (413, ""),
+    MediaTooLarge: (413, ""),
+    AudioError: (422, ""),
+    MediaError: (422, ""),
+    AvatarError: (422, ""),
+    AvatarNotFound: (404, ""),
+    AvatarExists: (409, ""),
+    InvalidInput: (422, ""),
+    ServerUnavailable: (503, "inference server unavailable: "),
+    ModelNotReady: (503, "inference server unavailable: "),
+    ModelNotFound: (503, "inference server unavailable: "),
+    NotReady: (503, ""),
+    TritonClientError: (502, "inference failed: "),
+}
+
+
+def error_response(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def status_of(error: BaseException) -> tuple[int, str]:
+    """(status, message) for an exception of the table; 500 for anything else."""
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            status, prefix = STATUS[kind]
+            return status, f"{prefix}{error}"
+    return 500, f"internal error: {type(error).__name__}"
+
+
+def install(app: FastAPI) -> None:
+    """Answer every exception of the table, and request validation errors, as JSON."""
+
+    async def from_table(_: Request, error: Exception) -> JSONResponse:
+        status, message = status_of(error)
+        if status >= 500:
+            log.warning("%s", message)
+        return error_response(status, message)
+
+    for kind in STATUS:
+        app.add_exception_handler(kind, from_table)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in error.errors()
+        )
+        return error_response(422, f"invalid request: {problems}",
+                              detail=json.loads(json.dumps(error.errors(), default=str)))

@@ -1,0 +1,30 @@
+"""Liveness and readiness, for load balancers, Kubernetes probes and scripts."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from contract import specs
+from frontend.errors import error_response
+from frontend.services import Services, services
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz():
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(s: Services = Depends(services)):
+    """The service can serve its default request: Triton reachable, every model ready,
+    and the default avatar prepared. Otherwise 503, saying what is missing."""
+    if not s.client.server_ready():
+        return error_response(503, f"Triton at {s.settings.triton_url} is not reachable or not ready")
+    waiting = [m for m in specs.MODELS if not s.client.model_ready(m)]
+    if waiting:
+        return error_response(503, f"models not ready: {', '.join(waiting)}")
+    if s.default_pending.is_set():
+        return error_response(503, f"the default avatar {s.settings.default_avatar!r} is still being prepared")
+    return {"status": "ready", "models": list(specs.MODELS)}

@@ -1,0 +1,70 @@
+"""make serve: the local Triton and the front end together, until Ctrl-C.
+
+    python -m stack.serve                  # full-size models (real weights if models/ has them)
+    python -m stack.serve --profile tiny   # small random models: the whole stack in a minute
+
+Exports the networks first when needed. The default avatar is prepared at
+start-up from scikit-image's astronaut photograph unless
+MUSETALK_DEFAULT_AVATAR_SOURCE names another image or video.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from stack.exports import PROFILES, ensure_exported
+from stack.frontend_process import FrontEnd
+from triton_local.launch import serve_until_stopped
+from triton_local.launch import start as start_triton
+from triton_local.server import BUILD, Ports
+
+
+def default_avatar_source() -> str:
+    if os.environ.get("MUSETALK_DEFAULT_AVATAR_SOURCE"):
+        return os.environ["MUSETALK_DEFAULT_AVATAR_SOURCE"]
+    import cv2
+    import skimage.data
+
+    photo = BUILD / "astronaut.png"
+    if not photo.exists():
+        photo.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(photo), cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))
+    return str(photo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stack.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=PROFILES, default="full",
+                   help="tiny: small random models of the same architecture (one minute)")
+    p.add_argument("--onnx-repository", type=Path, help="exported models to serve "
+                   "(default: model_repository for full, build/tiny_onnx for tiny)")
+    p.add_argument("--port", type=int, default=8080, help="the front end's HTTP port")
+    args = p.parse_args(argv)
+
+    repository = ensure_exported(args.profile, args.onnx_repository)
+    if repository is None:
+        return 1
+    server = start_triton(repository, Ports())
+    avatars = BUILD / f"avatars-{args.profile}"
+    frontend = FrontEnd(server.grpc_url, args.port, env={
+        "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(),
+        "MUSETALK_AVATAR_DIR": os.environ.get("MUSETALK_AVATAR_DIR", str(avatars)),
+    })
+    try:
+        frontend.start()
+        print(f"front end: {frontend.url}  (the page at {frontend.url}/, API docs at {frontend.url}/docs; "
+              f"log {frontend.log_file})\nCtrl-C stops both.", flush=True)
+        if serve_until_stopped(frontend.process, server.process):
+            return 0
+        print("a process exited; stopping", file=sys.stderr)
+        return 1
+    finally:
+        frontend.stop()
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
