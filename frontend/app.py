@@ -8,12 +8,13 @@ Errors are JSON (frontend/errors.py has the one table of statuses).
 """
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from frontend import errors
-from frontend.routes import avatars, generation, health
+from frontend import errors, metrics
+from frontend.routes import avatars, generation, health, live, page
 from frontend.services import Services
 from frontend.settings import Settings
 
@@ -23,7 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services.start_default_avatar()
+        services.start()
         yield
         services.close()
 
@@ -45,6 +46,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                               f"is {services.settings.max_upload_mb:g} MB")
         return await call_next(request)
 
-    for module in (health, generation, avatars):
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: no ids in labels
+        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    for module in (health, generation, avatars, live, page):
         app.include_router(module.router)
+    app.mount("/static", page.static, name="static")
     return app

@@ -1,32 +1,41 @@
-"""Avatars: prepared once (upstream's real-time Avatar), stored on disk, reused per request.
+"""Avatars: prepared once (frontend/preparation.py), stored on disk, reused by every request.
 
-Preparation finds the face in every frame, crops it to 256x256, encodes the
-crops to latents on Triton's vae_encoder and builds each frame's blend mask.
-The ping-pong cycle (frames then frames reversed) is not stored: it is an index.
+One folder per avatar in the store (MUSETALK_AVATAR_DIR), which may be a volume
+shared by several front ends:
+
+    <id>/meta.json     what it is (size, frames, faces...)
+    <id>/frames.mp4    its frames, H.264 (frontend/frames.py): read as videos are composed
+    <id>/latents.npy   vae_encoder latents per frame [n, 8, 32, 32] (zeros where no face)
+    <id>/boxes.npy     face box per frame [n, 4] (-1 where no face)
+    <id>/masks.npz     blend mask per frame with a face
+
+A folder appears whole or not at all (it is renamed into place), so no replica
+ever reads half an avatar; every load checks the folder is still the one cached,
+so an avatar deleted or replaced through another replica is seen at once. In
+memory, only what composition needs per frame stays cached (latents, boxes,
+masks: about 35 MB for 10 s of 1080p), within a byte budget.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
-import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from contract import specs
-from frontend.blending import Compositor, blend_mask
-from frontend.faces import FaceBox, LandmarkFinder, face_box
-from frontend.video import read_frames
+from frontend.blending import Compositor
+from frontend.faces import FaceBox
+from frontend.frames import CycleReader
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-FORMAT = 1
+FORMAT = 2  # 1: raw frames.npy (before 0.2); 2: frames.mp4
 
 
 class AvatarError(ValueError):
@@ -53,86 +62,64 @@ def check_id(avatar_id: str) -> str:
 @dataclass
 class Avatar:
     id: str
-    frames: np.ndarray  # [N, H, W, 3] uint8 BGR, the source frames in order
-    boxes: list[FaceBox]
+    folder: Path
+    boxes: list[FaceBox | None]
     latents: np.ndarray  # [N, 8, 32, 32] float32: vae_encoder output per frame
-    masks: list[np.ndarray]  # per frame, uint8 [box height, box width]
+    masks: list[np.ndarray | None]  # per frame, uint8 [box height, box width]
     meta: dict = field(default_factory=dict)
-    _compositor: Compositor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the output video."""
-        return self.frames.shape[2], self.frames.shape[1]
+        return self.meta["width"], self.meta["height"]
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.boxes)
 
     def cycle_index(self, i: int) -> int:
         """Frame i of the ping-pong cycle `frames + frames[::-1]`, as a source index."""
-        n = len(self.frames)
+        n = self.frame_count
         j = i % (2 * n)
         return j if j < n else 2 * n - 1 - j
 
-    @property
+    def reader(self) -> CycleReader:
+        """The avatar's frames, for one video at a time (each stream opens its own)."""
+        return CycleReader(self.folder / "frames.mp4", self.frame_count)
+
+    @cached_property
     def compositor(self) -> Compositor:
-        if self._compositor is None:
-            self._compositor = Compositor(self.frames, self.boxes, self.masks)
-        return self._compositor
+        width, height = self.size
+        return Compositor(self.boxes, self.masks, height, width)
+
+    @property
+    def nbytes(self) -> int:
+        """What this avatar holds in memory."""
+        return self.latents.nbytes + sum(m.nbytes for m in self.masks if m is not None) + 64 * len(self.boxes)
 
 
-def prepare(avatar_id: str, media: bytes, encode: Callable[[np.ndarray], np.ndarray],
-            bbox_shift: int = 0, extra_margin: int = 10, max_frames: int = 250,
-            progress: Callable[[str], None] = print, max_pixels: int | None = None) -> Avatar:
-    """Build an avatar from an image or video's bytes; `encode` is Triton's vae_encoder."""
-    frames = read_frames(media, max_frames, max_pixels)
-    finder = LandmarkFinder()
-    boxes, landmarks, missing = [], [], []
-    started = time.perf_counter()
-    for i, frame in enumerate(frames):
-        points = finder.find(frame)
-        box = face_box(points, frame.shape, bbox_shift, extra_margin) if points is not None else None
-        if box is None:
-            missing.append(i)
-            continue
-        boxes.append(box)
-        landmarks.append(points)
-        if (i + 1) % 25 == 0:
-            progress(f"avatar {avatar_id}: faces found in {i + 1}/{len(frames)} frames")
-    if missing:
-        raise AvatarError(f"no face found in {_describe_frames(missing, len(frames))}")
-    crops = np.stack([
-        cv2.resize(f[b.y1 : b.y2, b.x1 : b.x2], (specs.FACE_SIZE, specs.FACE_SIZE),
-                   interpolation=cv2.INTER_LANCZOS4)
-        for f, b in zip(frames, boxes)
-    ])
-    latents = encode(crops)
-    masks = [blend_mask(lm, b) for lm, b in zip(landmarks, boxes)]
-    meta = {
-        "id": avatar_id, "format": FORMAT, "frames": len(frames),
-        "width": int(frames[0].shape[1]), "height": int(frames[0].shape[0]),
-        "bbox_shift": bbox_shift, "extra_margin": extra_margin,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "prepare_seconds": round(time.perf_counter() - started, 2),
-    }
-    return Avatar(avatar_id, np.stack(frames), boxes, latents.astype(np.float32), masks, meta)
-
-
-def _describe_frames(indices: list[int], total: int) -> str:
-    if total == 1:
-        return "the image"
-    shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
-    return f"{len(indices)} of {total} frames (frame {shown})"
+def load_folder(avatar_id: str, folder: Path) -> Avatar:
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise AvatarError(f"avatar {avatar_id!r} was prepared by an older version (format "
+                          f"{meta.get('format')}); delete it and prepare it again")
+    boxes = [FaceBox(*map(int, b)) if b[0] >= 0 else None for b in np.load(folder / "boxes.npy")]
+    with np.load(folder / "masks.npz") as stored:
+        masks = [stored[str(i)] if str(i) in stored.files else None for i in range(len(boxes))]
+    return Avatar(avatar_id, folder, boxes, np.load(folder / "latents.npy"), masks, meta)
 
 
 class AvatarStore:
-    """Avatars on disk, one folder each, written atomically; the last few used stay in memory."""
+    """Avatars on disk, one folder each; the recently used ones cached within `cache_bytes`."""
 
-    def __init__(self, root: Path, cached: int = 8):
+    def __init__(self, root: Path, cache_bytes: int = 1 << 30):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._cache: OrderedDict[str, Avatar] = OrderedDict()
-        self._cached = cached
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, tuple[tuple, Avatar]] = OrderedDict()  # id -> (folder identity, avatar)
         self._lock = threading.Lock()
-        # A crash mid-save leaves only a staging folder: never a half avatar.
-        for leftover in self.root.glob(".staging-*"):
+        # What a crash left mid-delete: never a half avatar (those are staged in .jobs).
+        for leftover in self.root.glob(".trash-*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, avatar_id: str) -> Path:
@@ -145,61 +132,69 @@ class AvatarStore:
         if self.path(avatar_id).exists():
             raise AvatarExists(f"avatar {avatar_id!r} already exists; delete it first")
 
-    def save(self, avatar: Avatar) -> None:
-        target = self.path(avatar.id)
-        staging = self.root / f".staging-{avatar.id}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+    def publish(self, avatar_id: str, staging: Path) -> None:
+        """Move a prepared folder into place, atomically: the avatar appears whole or not at all.
+        Two replicas publishing one id: the first wins, the second gets AvatarExists."""
         try:
-            np.save(staging / "frames.npy", avatar.frames)
-            np.save(staging / "latents.npy", avatar.latents)
-            np.save(staging / "boxes.npy", np.array([b.as_tuple() for b in avatar.boxes], np.int32))
-            np.savez(staging / "masks.npz", *avatar.masks)
-            (staging / "meta.json").write_text(json.dumps(avatar.meta, indent=2))
-            with self._lock:
-                self.ensure_absent(avatar.id)
-                staging.rename(target)  # atomic: the avatar appears whole or not at all
-                self._remember(avatar)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.rename(self.path(avatar_id))  # fails on a non-empty target, on one host or NFS
+        except OSError as error:
+            if self.path(avatar_id).exists():
+                raise AvatarExists(f"avatar {avatar_id!r} already exists; delete it first") from error
+            raise
 
     def load(self, avatar_id: str) -> Avatar:
-        with self._lock:
-            if avatar_id in self._cache:
-                self._cache.move_to_end(avatar_id)
-                return self._cache[avatar_id]
         folder = self.path(avatar_id)
-        if not self.exists(avatar_id):
+        identity = _identity(folder)
+        if identity is None:
+            with self._lock:
+                self._cache.pop(avatar_id, None)
             raise AvatarNotFound(f"unknown avatar {avatar_id!r}")
-        with np.load(folder / "masks.npz") as masks:
-            mask_list = [masks[f"arr_{i}"] for i in range(len(masks.files))]
-        avatar = Avatar(
-            avatar_id,
-            np.load(folder / "frames.npy", mmap_mode="r"),
-            [FaceBox(*map(int, b)) for b in np.load(folder / "boxes.npy")],
-            np.load(folder / "latents.npy"),
-            mask_list,
-            json.loads((folder / "meta.json").read_text()),
-        )
         with self._lock:
-            return self._remember(self._cache.get(avatar_id, avatar))
-
-    def _remember(self, avatar: Avatar) -> Avatar:
-        self._cache[avatar.id] = avatar
-        self._cache.move_to_end(avatar.id)
-        while len(self._cache) > self._cached:
-            self._cache.popitem(last=False)
+            cached = self._cache.get(avatar_id)
+            if cached and cached[0] == identity:
+                self._cache.move_to_end(avatar_id)
+                return cached[1]
+        avatar = load_folder(avatar_id, folder)
+        with self._lock:
+            self._cache[avatar_id] = (identity, avatar)
+            self._cache.move_to_end(avatar_id)
+            self._evict()
         return avatar
 
+    def _evict(self) -> None:
+        while len(self._cache) > 1 and sum(a.nbytes for _, a in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for _, a in self._cache.values())
+
     def list(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/meta.json"))
-                if not p.parent.name.startswith(".")]
+        out = []
+        for meta in sorted(self.root.glob("*/meta.json")):
+            try:
+                out.append({**json.loads(meta.read_text()), "status": "ready"})
+            except (OSError, ValueError):
+                continue  # deleted meanwhile
+        return out
 
     def delete(self, avatar_id: str) -> None:
         folder = self.path(avatar_id)
-        if not self.exists(avatar_id):
-            raise AvatarNotFound(f"unknown avatar {avatar_id!r}")
+        trash = self.root / f".trash-{avatar_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.rename(trash)  # atomic disappearance, then the slow removal
+        except FileNotFoundError:
+            raise AvatarNotFound(f"unknown avatar {avatar_id!r}") from None
         with self._lock:
             self._cache.pop(avatar_id, None)
-            trash = self.root / f".staging-deleted-{avatar_id}-{uuid.uuid4().hex[:8]}"
-            folder.rename(trash)  # atomic disappearance, then the slow removal
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _identity(folder: Path) -> tuple | None:
+    """What tells one published folder from another (a deleted then re-prepared id too)."""
+    try:
+        stat = os.stat(folder / "meta.json")
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size

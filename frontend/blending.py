@@ -65,50 +65,52 @@ def i420_planes(i420: np.ndarray, height: int, width: int):
     )
 
 
-class Compositor:
-    """Composes output frames directly in I420, the encoder's input format.
+def _patch(planes, y1: int, y2: int, x1: int, x2: int) -> np.ndarray:
+    """The I420 buffer of a region (even coordinates) of a frame's planes."""
+    h, w = y2 - y1, x2 - x1
+    patch = np.empty((h * 3 // 2, w), np.uint8)
+    out = i420_planes(patch, h, w)
+    out[0][:] = planes[0][y1:y2, x1:x2]
+    out[1][:] = planes[1][y1 // 2 : y2 // 2, x1 // 2 : x2 // 2]
+    out[2][:] = planes[2][y1 // 2 : y2 // 2, x1 // 2 : x2 // 2]
+    return patch
 
-    Each avatar frame is converted to I420 once; per generated frame only the
-    face box (widened to even coordinates, so chroma samples stay whole) is
-    blended in BGR and converted. This saves the full-frame colour conversion
-    that dominated the per-frame cost at 720p. OpenCV's BGR->I420 is BT.601
-    limited range, as FFmpeg's default, within one level.
+
+class Compositor:
+    """Blends generated faces into an avatar's frames, in I420 (the video encoder's input).
+
+    Frames arrive already in I420 (decoded from the avatar's H.264, frontend/frames.py).
+    Per generated frame only the face box's rows that the mask keeps (widened to even
+    coordinates, so chroma samples stay whole) go to BGR, are blended, and come back:
+    no full-frame colour conversion. OpenCV's I420 is BT.601 limited range, as FFmpeg's
+    default, within one level. Frames without a face pass through unchanged.
     """
 
-    def __init__(self, frames: np.ndarray, boxes: list[FaceBox], masks: list[np.ndarray]):
-        self.frames = frames
-        self.boxes = boxes
-        self.masks = masks
-        self.height, self.width = frames[0].shape[:2]
-        self._i420: dict[int, np.ndarray] = {}
+    def __init__(self, boxes: list[FaceBox | None], masks: list[np.ndarray | None], height: int, width: int):
+        self.boxes, self.masks = boxes, masks
+        self.height, self.width = height, width
         self._top: dict[int, int] = {}
 
-    def i420(self, index: int) -> np.ndarray:
-        if index not in self._i420:
-            self._i420[index] = cv2.cvtColor(self.frames[index], cv2.COLOR_BGR2YUV_I420)
-        return self._i420[index]
-
-    def compose(self, index: int, face: np.ndarray) -> np.ndarray:
-        """I420 of avatar frame `index` with the generated 256x256 `face` blended in."""
+    def compose(self, index: int, frame_i420: np.ndarray, face: np.ndarray) -> np.ndarray:
+        """`frame_i420` (avatar frame `index`, modified in place) with the generated 256x256 `face`."""
         box, mask = self.boxes[index], self.masks[index]
+        if box is None:
+            return frame_i420  # no face found in this frame: it stays as it was
         top = self._first_blended_row(index)
-        out = self.i420(index).copy()
         if top == box.height:
-            return out  # an empty mask: nothing of the face is kept
-        # Only rows from `top` change (the mask keeps the lower face), widened to
-        # even coordinates so that whole chroma samples are rewritten.
+            return frame_i420  # an empty mask: nothing of the face is kept
         y1, x1 = box.y1 + top, box.x1
         py1, px1 = y1 - y1 % 2, x1 - x1 % 2
-        py2, px2 = box.y2 + box.y2 % 2, box.x2 + box.x2 % 2
-        patch = np.array(self.frames[index][py1:py2, px1:px2])
+        py2, px2 = min(box.y2 + box.y2 % 2, self.height), min(box.x2 + box.x2 % 2, self.width)
+        planes = i420_planes(frame_i420, self.height, self.width)
+        patch = cv2.cvtColor(_patch(planes, py1, py2, px1, px2), cv2.COLOR_YUV2BGR_I420)
         resized = cv2.resize(face, (box.width, box.height))  # bilinear, as upstream
         blend_into(patch[y1 - py1 : box.y2 - py1, x1 - px1 : box.x2 - px1], resized[top:], mask[top:])
-        patch_planes = i420_planes(cv2.cvtColor(patch, cv2.COLOR_BGR2YUV_I420), py2 - py1, px2 - px1)
-        out_planes = i420_planes(out, self.height, self.width)
-        out_planes[0][py1:py2, px1:px2] = patch_planes[0]
-        for plane, source in zip(out_planes[1:], patch_planes[1:]):
+        blended = i420_planes(cv2.cvtColor(patch, cv2.COLOR_BGR2YUV_I420), py2 - py1, px2 - px1)
+        planes[0][py1:py2, px1:px2] = blended[0]
+        for plane, source in zip(planes[1:], blended[1:]):
             plane[py1 // 2 : py2 // 2, px1 // 2 : px2 // 2] = source
-        return out
+        return frame_i420
 
     def _first_blended_row(self, index: int) -> int:
         if index not in self._top:

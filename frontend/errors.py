@@ -2,7 +2,9 @@
 
 Errors are JSON: {"error": "...what was wrong..."}. Bad input is a 4xx and
 loses nothing; 503 means Triton, a model or the default avatar is not ready yet
-(retry); 502 means Triton failed on a request it accepted.
+(retry); 502 means Triton failed on a request it accepted. A live session
+(WebSocket) gets the same as a message {"type": "error", "error": ..., "status": ...}
+and closes with code 4000 + status (4404 unknown avatar, 4422 bad input...).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from client.errors import (
     ServerUnavailable,
     TritonClientError,
 )
+from frontend import metrics
 from frontend.audio import AudioError
 from frontend.avatars import AvatarError, AvatarExists, AvatarNotFound
-from frontend.video import MediaError, MediaTooLarge
+from frontend.live import LiveError, LiveTooLong, TooManySessions
+from frontend.media import MediaError, MediaTooLarge
 
 log = logging.getLogger("musetalk.frontend")
 
@@ -45,6 +49,9 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     AvatarNotFound: (404, ""),
     AvatarExists: (409, ""),
     InvalidInput: (422, ""),
+    LiveError: (422, ""),
+    LiveTooLong: (413, ""),
+    TooManySessions: (429, ""),
     ServerUnavailable: (503, "inference server unavailable: "),
     ModelNotReady: (503, "inference server unavailable: "),
     ModelNotFound: (503, "inference server unavailable: "),
@@ -70,6 +77,7 @@ def install(app: FastAPI) -> None:
     """Answer every exception of the table, and request validation errors, as JSON."""
 
     async def from_table(_: Request, error: Exception) -> JSONResponse:
+        metrics.triton_error(error)
         status, message = status_of(error)
         if status >= 500:
             log.warning("%s", message)

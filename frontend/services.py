@@ -1,22 +1,27 @@
-"""What the routes share: settings, the Triton client, the avatar store, start-up state.
+"""What the routes share: settings, the Triton client, the avatar store and its jobs.
 
 Built once by create_app and reached by routes through the `services`
 dependency, so each route module declares what it uses and nothing is global.
 """
 from __future__ import annotations
 
+import io
 import logging
 import threading
-from dataclasses import dataclass, field
+import wave
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from fastapi import UploadFile
 from starlette.requests import HTTPConnection
 
 from client import MuseTalkClient
 from contract.layout import SYNTHETIC_KEY
-from frontend import avatars
-from frontend.errors import NotReady, UploadTooLarge
+from frontend import avatars, preparation
+from frontend.errors import NotReady, UploadTooLarge, status_of
+from frontend.jobs import Job, Jobs
+from frontend.media import Media, open_media
 from frontend.settings import Settings
 
 log = logging.getLogger("musetalk.frontend")
@@ -27,15 +32,27 @@ class Services:
     settings: Settings
     client: MuseTalkClient
     store: avatars.AvatarStore
-    preparing: threading.Lock = field(default_factory=threading.Lock)  # one at a time: CPU-heavy
-    default_pending: threading.Event = field(default_factory=threading.Event)
+    jobs: Jobs
+    live_slots: threading.BoundedSemaphore
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
-        # Each request keeps `in_flight` batches in flight; room for a few requests at once.
+        # Requests and live sessions each keep `in_flight` batches in flight; the client's
+        # threads carry them all, so that Triton's batcher sees every session's batches.
         client = MuseTalkClient(settings.triton_url, settings.triton_protocol,
-                                max_in_flight=4 * settings.in_flight)
-        return cls(settings, client, avatars.AvatarStore(settings.avatar_dir))
+                                max_in_flight=settings.in_flight * (4 + settings.max_live_sessions))
+        store = avatars.AvatarStore(settings.avatar_dir, int(settings.avatar_cache_mb * 2**20))
+        services = cls(settings, client, store, None, threading.BoundedSemaphore(settings.max_live_sessions))
+        services.jobs = Jobs(store, services._prepare, status_of)
+        return services
+
+    def start(self) -> None:
+        """At start-up: the job worker (and any preparation a crash interrupted), the
+        default avatar, and the libraries the first request would otherwise wait for."""
+        self.jobs.start()
+        self.jobs.resume_interrupted()
+        self.start_default_avatar()
+        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
 
     # -- uploads --------------------------------------------------------------------------
     @property
@@ -53,38 +70,43 @@ class Services:
     def avatar(self, avatar_id: str | None) -> avatars.Avatar:
         """The avatar a request asks for (default: the configured one)."""
         wanted = avatars.check_id(avatar_id or self.settings.default_avatar)
-        if wanted == self.settings.default_avatar and self.default_pending.is_set():
-            raise NotReady(f"the default avatar {wanted!r} is still being prepared; retry shortly")
+        if not self.store.exists(wanted):
+            job = self.jobs.status(wanted)
+            if job or (wanted == self.settings.default_avatar and self.default_pending):
+                raise NotReady(f"avatar {wanted!r} is {describe_job(job)}; retry shortly")
         return self.store.load(wanted)
 
-    def prepare(self, avatar_id: str, media: bytes, bbox_shift: int = 0, extra_margin: int = 10):
-        with self.preparing:
-            self.store.ensure_absent(avatar_id)
-            avatar = avatars.prepare(avatar_id, media, self.client.vae_encoder, bbox_shift, extra_margin,
-                                     self.settings.max_avatar_frames, progress=log.info,
-                                     max_pixels=self.settings.max_image_pixels)
-            self.store.save(avatar)
-            return avatar
+    def open_media(self, data: bytes) -> Media:
+        return open_media(data, self.settings.max_avatar_seconds, self.settings.max_image_pixels)
+
+    def _prepare(self, job: Job, progress, cancelled) -> dict:
+        params = job.read()["params"]
+        media = self.open_media(job.upload.read_bytes())
+        def encode(crops):
+            return self.client.submit(self.client.vae_encoder, crops)
+
+        return preparation.prepare(job.avatar_id, media, encode, job.staging, params["bbox_shift"],
+                                   params["extra_margin"], progress, cancelled)
+
+    @property
+    def default_pending(self) -> bool:
+        """The default avatar is configured but not ready yet."""
+        return bool(self.settings.default_avatar_source) and not self.store.exists(self.settings.default_avatar)
 
     def start_default_avatar(self) -> None:
         """Prepare the default avatar in the background when it is missing; until it is
         ready, /readyz answers 503."""
-        source = self.settings.default_avatar_source
-        if not source or self.store.exists(self.settings.default_avatar):
-            return
-        self.default_pending.set()
-        threading.Thread(target=self._prepare_default, args=(Path(source),), daemon=True,
-                         name="default-avatar").start()
+        if self.default_pending and not self.jobs.status(self.settings.default_avatar):
+            threading.Thread(target=self._prepare_default, args=(Path(self.settings.default_avatar_source),),
+                             daemon=True, name="default-avatar").start()
 
     def _prepare_default(self, source: Path) -> None:
         try:
             self.client.wait_until_ready(timeout_s=600, models=["vae_encoder"])
-            self.prepare(self.settings.default_avatar, source.read_bytes())
-            log.info("default avatar %r prepared from %s", self.settings.default_avatar, source)
-        except Exception as error:  # noqa: BLE001 - the service runs on; requests will say
+            self.jobs.submit(self.settings.default_avatar, source.read_bytes(), {"bbox_shift": 0, "extra_margin": 10})
+            log.info("preparing the default avatar %r from %s", self.settings.default_avatar, source)
+        except Exception as error:  # noqa: BLE001 - the service runs on; /readyz says why
             log.error("could not prepare the default avatar: %s", error)
-        finally:
-            self.default_pending.clear()
 
     # -- models ---------------------------------------------------------------------------
     def synthetic_weights(self) -> bool | None:
@@ -100,9 +122,30 @@ class Services:
         return {"true": True, "false": False}.get(value)
 
     def close(self) -> None:
+        self.jobs.close()
         self.client.close()
+
+
+def describe_job(job: dict | None) -> str:
+    """"still being prepared (40%)", or "failed: <why>"."""
+    job = job or {}
+    return f"failed: {job['error']}" if job.get("error") else \
+        f"still being prepared ({job.get('progress', 0):.0%})"
 
 
 def services(connection: HTTPConnection) -> Services:
     """The dependency every route takes its services from."""
     return connection.app.state.services
+
+
+def _warm_up() -> None:
+    """Load what the first request would otherwise wait for (librosa's mel filters and
+    resampler: about 1.5 s at the first call)."""
+    from frontend import audio
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as silence:
+        silence.setnchannels(1), silence.setsampwidth(2), silence.setframerate(22050)
+        silence.writeframes(b"\0\0" * 2205)
+    audio.decode(buffer.getvalue())
+    audio.log_mel(np.zeros(audio.SEGMENT_SAMPLES // 30, np.float32))

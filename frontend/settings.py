@@ -28,11 +28,19 @@ class Settings(BaseSettings):
         "", description="an image or video prepared as the default avatar at start-up when missing")
     max_audio_seconds: float = Field(120.0, gt=0)
     max_upload_mb: float = Field(50.0, gt=0)
-    max_avatar_frames: int = Field(250, ge=1)
+    max_avatar_seconds: float = Field(
+        60.0, gt=0, description="longest avatar video used; a longer one is cut there (and the answer says so)")
+    avatar_cache_mb: float = Field(1024.0, gt=0, description="memory for prepared avatars kept loaded")
+    prepare_wait_seconds: float = Field(
+        5.0, ge=0, description="POST /avatars answers 201 if done by then, else 202 and a status URL")
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest image or video frame accepted, in pixels (checked before decoding)")
     batch_size: int = Field(16, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request")
     in_flight: int = Field(4, ge=1, description="batches kept in flight per request")
     x264_preset: str = "veryfast"
+    max_live_sessions: int = Field(16, ge=1, description="live sessions (WebSocket /ws/live) at once")
+    max_live_seconds: float = Field(600.0, gt=0, description="speech per live session")
+    max_live_lag_seconds: float = Field(
+        10.0, gt=0, description="stop reading a live session's audio while its video trails it by more")
     synthetic_weights: bool | None = Field(
         None, description="say that the models have random weights (default: ask Triton's model config)")

@@ -90,7 +90,8 @@ def step(title: str) -> None:
 
 
 def prepare_avatar(http: httpx.Client) -> None:
-    if http.get(f"/avatars/{AVATAR_ID}").status_code == 200:
+    existing = http.get(f"/avatars/{AVATAR_ID}")
+    if existing.status_code == 200 and existing.json()["status"] == "ready":
         print(f"avatar '{AVATAR_ID}' already prepared: reused")
         return
     import skimage.data
@@ -99,7 +100,11 @@ def prepare_avatar(http: httpx.Client) -> None:
     started = time.perf_counter()
     response = http.post("/avatars", data={"avatar_id": AVATAR_ID},
                          files={"file": ("astronaut.png", photo.tobytes(), "image/png")})
-    response.raise_for_status()
+    while response.status_code == 202 or response.json().get("status") in ("queued", "preparing"):
+        time.sleep(1)  # a job: follow it
+        response = http.get(f"/avatars/{AVATAR_ID}")
+    if response.status_code >= 400 or response.json().get("status") == "failed":
+        raise SystemExit(f"preparing the avatar failed: {response.text}")
     print(f"avatar '{AVATAR_ID}' prepared from scikit-image's astronaut photograph "
           f"in {time.perf_counter() - started:.1f} s")
 

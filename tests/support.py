@@ -46,3 +46,56 @@ def face_psnr(a: np.ndarray, b: np.ndarray) -> float:
     from export.precision import face_psnr as psnr
 
     return psnr(a, b)
+
+
+def astronaut_head():
+    """scikit-image's astronaut cropped around her head, with its 68 landmarks and face width."""
+    import cv2
+    import skimage.data
+
+    from frontend.faces import LandmarkFinder
+
+    photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    landmarks = LandmarkFinder().find(photo)
+    width = float(landmarks[:, 0].max() - landmarks[:, 0].min())  # jaw to jaw: 92 px
+    cx, cy = landmarks.mean(axis=0)
+    half = int(1.6 * width)
+    x1, y1 = int(max(0, cx - half)), int(max(0, cy - half))
+    return photo[y1 : int(cy + half), x1 : int(cx + half)], landmarks - (x1, y1), width
+
+
+def face_on_canvas(width: int, height: int, face: float, shift: int = 0, background: int = 120):
+    """A width x height frame with the astronaut's face `face` px wide (jaw to jaw) in it, and
+    where her landmarks are."""
+    import cv2
+
+    head, landmarks, face_width = astronaut_head()
+    k = face / face_width
+    small = cv2.resize(head, None, fx=k, fy=k, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+    small = small[:height, : width - width // 3 - shift]
+    canvas = np.full((height, width, 3), background, np.uint8)
+    y0, x0 = (height - small.shape[0]) // 2, width // 3 + shift
+    canvas[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
+    return canvas, landmarks * k + (x0, y0)
+
+
+def video_bytes(frames, fps: int = 25, rotation: int = 0) -> bytes:
+    """BGR frames as an H.264 mp4 (its display matrix turned `rotation` degrees counter-clockwise)."""
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    height, width = frames[0].shape[:2]
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "16"}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
+            video_frame.pts = i
+            out.mux(stream.encode(video_frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()

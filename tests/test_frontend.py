@@ -134,7 +134,7 @@ def test_video_avatar_cycles_ping_pong(api, face_image, speech_bytes):
                        files={"file": ("drift.mp4", buffer.getvalue(), "video/mp4")})
     assert created.status_code == 201, created.text
     avatar = api.app.state.services.store.load("drift")
-    assert len(avatar.frames) == 4
+    assert avatar.frame_count == 4
     assert [avatar.cycle_index(i) for i in range(10)] == [0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
     assert avatar.boxes[3].x1 > avatar.boxes[0].x1  # the box follows the face
     response = post_speech(api, speech_bytes, avatar_id="drift", skip_save_images="true")

@@ -12,7 +12,7 @@ from export import precision
 from export.metadata import stamp
 from support import BUILD, frames, local_chain
 from triton_local.repository import generate
-from triton_local.runtimes import BF16, runtimes_for
+from triton_local.runtimes import BF16, OPENVINO_FP32, runtimes_for
 from triton_local.server import LocalTriton, Ports
 
 
@@ -32,11 +32,12 @@ def test_server_runtimes_follow_the_recorded_verdict(tiny_onnx, tmp_path, monkey
     shutil.copytree(tiny_onnx, repository)
     for name in precision.GATED:
         stamp(model_path(repository, name), {BF16_GATE_KEY: verdict})
-    assert runtimes_for(repository) == ({n: BF16 for n in precision.GATED} if verdict == "pass" else {})
+    gated = {n: BF16 for n in precision.GATED} if verdict == "pass" else {}
+    assert runtimes_for(repository) == {"audio_encoder": OPENVINO_FP32, **gated}
     monkeypatch.setenv("MUSETALK_CPU_PRECISION", "fp32")
     assert runtimes_for(repository) == {}
     monkeypatch.delenv("MUSETALK_CPU_PRECISION")
-    assert runtimes_for(tmp_path / "nothing") == {}  # nothing exported, nothing gated
+    assert runtimes_for(tmp_path / "nothing") == {"audio_encoder": OPENVINO_FP32}  # nothing gated
 
 
 def test_gate_measures_what_it_claims(tiny_onnx):

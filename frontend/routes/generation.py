@@ -1,16 +1,40 @@
-"""POST /onnx-infer: speech in, a video of the avatar speaking it out."""
+"""POST /onnx-infer: speech in, a video of the avatar speaking it out, whole or streamed."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from contract import specs
 from frontend import audio, pipeline
 from frontend.services import Services, services
 
 router = APIRouter(tags=["generation"])
+
+
+class ClosingStream(StreamingResponse):
+    """A streamed answer that always closes its body when it ends, so the generation of a
+    client that left stops at once (batches not started are cancelled, encoders closed),
+    not whenever the garbage collector gets to it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _body(first: bytes, chunks: Iterator[bytes]):
+    """The generation's chunks, each made on a worker thread (it blocks on Triton)."""
+    try:
+        yield first
+        while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        await run_in_threadpool(chunks.close)
 
 
 @router.post("/onnx-infer", responses={200: {"content": {"video/mp4": {}, "application/json": {}}}})
@@ -22,18 +46,30 @@ def onnx_infer(
     avatar_id: str | None = Form(None, description="prepared avatar (default: the configured one)"),
     batch_size: int | None = Form(None, ge=1, le=specs.MUSETALK.max_batch_size,
                                   description="frames per request to Triton"),
+    stream: bool = Form(False, description="answer fragmented MP4 while the frames are made "
+                        "(chunked): a <video> element or ffplay starts before the clip is finished"),
     s: Services = Depends(services),
 ):
     """Speech in, lip-synced video of the avatar out (H.264 + AAC mp4).
 
-    Random-weight deployments (`--synthetic` exports) give real timings but
-    no lip sync: the faces are noise.
+    With `stream=true` the body is fragmented MP4 sent as it is made; it ends with
+    a `free` box holding `musetalk:{"status": "done" | "error", ...}` (players skip
+    it): a stream without it was cut short. Random-weight deployments (`--synthetic`
+    exports) give real timings but no lip sync: the faces are noise.
     """
     avatar = s.avatar(avatar_id)
     speech = audio.decode(s.read_upload(audio_file), s.settings.max_audio_seconds)
+    batch = batch_size or s.settings.batch_size
+    if stream and not skip_save_images:
+        chunks = pipeline.stream(avatar, speech, fps, s.client, batch, s.settings.in_flight,
+                                 s.settings.x264_preset)
+        first = next(chunks)  # errors before the first byte are the usual JSON answers
+        frames = audio.frame_count(speech.seconds, fps)
+        return ClosingStream(_body(first, chunks), media_type="video/mp4",
+                             headers={"X-Frame-Count": str(frames), "Cache-Control": "no-store"})
     video, report = pipeline.generate(
-        avatar, speech, fps, s.client, batch_size or s.settings.batch_size,
-        s.settings.in_flight, encode=not skip_save_images, preset=s.settings.x264_preset,
+        avatar, speech, fps, s.client, batch, s.settings.in_flight,
+        encode=not skip_save_images, preset=s.settings.x264_preset,
     )
     headers = {"X-Frame-Count": str(report.frames), "X-Timings": json.dumps(report.as_dict())}
     if video is None:

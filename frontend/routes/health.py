@@ -1,11 +1,13 @@
-"""Liveness and readiness, for load balancers, Kubernetes probes and scripts."""
+"""Liveness, readiness and metrics: for load balancers, Kubernetes probes, Prometheus and scripts."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contract import specs
 from frontend.errors import error_response
-from frontend.services import Services, services
+from frontend.services import Services, describe_job, services
 
 router = APIRouter(tags=["health"])
 
@@ -25,6 +27,13 @@ def readyz(s: Services = Depends(services)):
     waiting = [m for m in specs.MODELS if not s.client.model_ready(m)]
     if waiting:
         return error_response(503, f"models not ready: {', '.join(waiting)}")
-    if s.default_pending.is_set():
-        return error_response(503, f"the default avatar {s.settings.default_avatar!r} is still being prepared")
+    if s.default_pending:
+        state = describe_job(s.jobs.status(s.settings.default_avatar))
+        return error_response(503, f"the default avatar {s.settings.default_avatar!r} is {state}")
     return {"status": "ready", "models": list(specs.MODELS)}
+
+
+@router.get("/metrics")
+def prometheus_metrics():
+    """The front end's metrics in Prometheus' text format (frontend/metrics.py says what each is)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

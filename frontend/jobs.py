@@ -1,0 +1,264 @@
+"""Avatar preparations as jobs: queued, followed, cancelled, resumed after a restart.
+
+A job lives in the avatar store, so every replica sharing the store sees it:
+
+    .jobs/<id>/job.json   status ("queued", "preparing", "failed"), stage, frames done/total,
+                          the owner (host, pid, a token per process) and its heartbeat
+    .jobs/<id>/upload     the uploaded file, until the job ends
+    .jobs/<id>/staging/   the avatar being written; renamed into the store when complete
+    .jobs/<id>/cancel     asks whoever runs the job to stop
+
+Creating `.jobs/<id>` is exclusive (mkdir), so two replicas asked for the same id
+end with one job and one 409. One job runs at a time per process (preparation is
+CPU-heavy); the rest wait queued. A job whose owner died (a crash, a restart, a
+replica gone) is taken over by the next front end that looks: its own pid is
+gone on this host, or its heartbeat is older than STALE_S. Nothing half-made
+is ever published: the staging folder is renamed into the store only when done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from frontend import memory, metrics
+from frontend.avatars import AvatarExists, AvatarStore
+
+log = logging.getLogger("musetalk.frontend")
+
+HEARTBEAT_S = 5.0
+STALE_S = 30.0
+ME = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this process, as a job owner
+
+
+@dataclass
+class Job:
+    avatar_id: str
+    folder: Path
+
+    @property
+    def upload(self) -> Path:
+        return self.folder / "upload"
+
+    @property
+    def staging(self) -> Path:
+        return self.folder / "staging"
+
+    @property
+    def cancel_requested(self) -> bool:
+        return (self.folder / "cancel").exists()
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads((self.folder / "job.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, **changes) -> dict:
+        state = {**(self.read() or {}), **changes, "heartbeat": time.time()}
+        partial = self.folder / f"job.json.{uuid.uuid4().hex[:8]}"
+        partial.write_text(json.dumps(state))
+        partial.replace(self.folder / "job.json")  # atomic: readers never see half a file
+        return state
+
+
+def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
+    if not owner:
+        return False
+    if owner == ME:
+        return True
+    host, pid, _ = owner.split(":")
+    if host == socket.gethostname() and not _pid_alive(int(pid)):
+        return False  # a process of this host that is gone (or this pid, reborn after a restart)
+    return heartbeat is not None and time.time() - heartbeat < STALE_S
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our pid, but not our token: an earlier process with the same pid
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class Jobs:
+    """The job queue of one front end. `run(job, progress, cancelled)` prepares an avatar
+    into job.staging and returns its meta; failures are kept with their HTTP status."""
+
+    def __init__(self, store: AvatarStore, run: Callable, status_of: Callable[[BaseException], tuple[int, str]]):
+        self.store, self.run, self.status_of = store, run, status_of
+        self.root = store.root / ".jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.finished = threading.Condition()
+        self.worker = threading.Thread(target=self._work, name="avatar-jobs", daemon=True)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def job(self, avatar_id: str) -> Job:
+        return Job(avatar_id, self.root / avatar_id)
+
+    # -- asked by the routes --------------------------------------------------------------
+    def submit(self, avatar_id: str, upload: bytes, params: dict) -> Job:
+        self.store.ensure_absent(avatar_id)
+        job = self.job(avatar_id)
+        if job.read() and job.read().get("status") == "failed":
+            shutil.rmtree(job.folder, ignore_errors=True)  # a new try replaces a failed one
+        try:
+            job.folder.mkdir()  # exclusive, across replicas
+        except FileExistsError:
+            raise AvatarExists(f"avatar {avatar_id!r} is already being prepared") from None
+        job.upload.write_bytes(upload)
+        job.write(id=avatar_id, status="queued", stage="queued", frames_done=0, frames_total=None,
+                  params=params, owner=ME, created=time.time())
+        self.queue.put(avatar_id)
+        return job
+
+    def status(self, avatar_id: str) -> dict | None:
+        """The job's state for GET /avatars/{id}; None if there is no job."""
+        state = self.job(avatar_id).read()
+        if state is None:
+            return None
+        out = {k: state.get(k) for k in ("id", "status", "stage", "frames_done", "frames_total", "error")}
+        out["progress"] = round(state["frames_done"] / state["frames_total"], 3) if state.get("frames_total") else 0.0
+        if state.get("status") == "failed":
+            out["http_status"] = state.get("http_status", 422)
+        elif not owner_alive(state.get("owner"), state.get("heartbeat")):
+            out["status"] = "queued"  # its owner is gone: the next front end to look resumes it
+        return {k: v for k, v in out.items() if v is not None}
+
+    def list(self) -> list[dict]:
+        return [s for p in sorted(self.root.iterdir()) if (s := self.status(p.name))]
+
+    def cancel(self, avatar_id: str) -> bool:
+        """Stop a queued or running job (any replica's) and forget it; False if none."""
+        job = self.job(avatar_id)
+        state = job.read()
+        if state is None:
+            return False
+        if state.get("status") == "failed" or not owner_alive(state.get("owner"), state.get("heartbeat")):
+            shutil.rmtree(job.folder, ignore_errors=True)
+            return True
+        (job.folder / "cancel").touch()
+        if state.get("owner") == ME:  # ours: wait until it has stopped, so a new POST may follow
+            self.wait(avatar_id, 30, lambda s: s is None)
+        return True
+
+    def wait(self, avatar_id: str, timeout: float, until: Callable[[dict | None], bool] | None = None) -> dict | None:
+        """The job's status once it has ended (None: it is gone, published or cancelled),
+        or as it is after `timeout` seconds."""
+        until = until or (lambda s: s is None or s.get("status") == "failed")
+        deadline = time.monotonic() + timeout
+        with self.finished:
+            while not until(state := self.status(avatar_id)) and time.monotonic() < deadline:
+                self.finished.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        return state
+
+    # -- the worker -----------------------------------------------------------------------
+    def resume_interrupted(self) -> list[str]:
+        """Queue the jobs whose owner is gone (a crash, a restart): they start over."""
+        resumed = []
+        for folder in sorted(self.root.iterdir()):
+            state = Job(folder.name, folder).read()
+            if state and state.get("status") in ("queued", "preparing") \
+                    and not owner_alive(state.get("owner"), state.get("heartbeat")) and self._claim(folder.name):
+                self.queue.put(folder.name)
+                resumed.append(folder.name)
+        if resumed:
+            log.info("resuming the preparation of %s", ", ".join(resumed))
+        return resumed
+
+    def _claim(self, avatar_id: str) -> bool:
+        """Take over a job whose owner is gone; exclusive across replicas."""
+        job = self.job(avatar_id)
+        claims = len(list(job.folder.glob("claim.*")))
+        try:
+            (job.folder / f"claim.{claims + 1}").mkdir()
+        except FileExistsError:
+            return False  # another front end was faster
+        job.write(owner=ME, status="queued", stage="queued")
+        return True
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                avatar_id = self.queue.get(timeout=STALE_S)
+            except queue.Empty:
+                self.resume_interrupted()  # jobs of a replica that died
+                continue
+            if avatar_id is None:
+                return
+            try:
+                self._run(self.job(avatar_id))
+            finally:
+                with self.finished:
+                    self.finished.notify_all()
+
+    def _run(self, job: Job) -> None:
+        state = job.read()
+        if state is None or state.get("owner") != ME:
+            return  # cancelled meanwhile, or taken over
+        shutil.rmtree(job.staging, ignore_errors=True)  # what an interrupted run left
+        job.staging.mkdir()
+        beating = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(job, beating), daemon=True).start()
+        last = [0.0]
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if time.monotonic() - last[0] > 0.5 or done == total:
+                last[0] = time.monotonic()
+                job.write(status="preparing", stage=stage, frames_done=done, frames_total=total)
+
+        started = time.monotonic()
+        try:
+            job.write(status="preparing", stage="starting")
+            meta = self.run(job, progress, lambda: job.cancel_requested)
+            (job.staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            self.store.publish(job.avatar_id, job.staging)
+            shutil.rmtree(job.folder, ignore_errors=True)
+            metrics.PREPARATIONS.labels("ready").inc()
+            metrics.PREPARATION_SECONDS.observe(time.monotonic() - started)
+            log.info("avatar %r prepared (%d frames, %d without a face)", job.avatar_id, meta["frames"],
+                     meta["faceless_frames"])
+        except Exception as error:  # noqa: BLE001 - the job records why; the service runs on
+            if job.cancel_requested:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                metrics.PREPARATIONS.labels("cancelled").inc()
+                log.info("preparation of avatar %r cancelled", job.avatar_id)
+            else:
+                metrics.PREPARATIONS.labels("failed").inc()
+                metrics.triton_error(error)
+                status, message = self.status_of(error)
+                log.warning("preparation of avatar %r failed: %s", job.avatar_id, message)
+                job.write(status="failed", stage="failed", error=message, http_status=status)
+                job.upload.unlink(missing_ok=True)
+                shutil.rmtree(job.staging, ignore_errors=True)
+        finally:
+            beating.set()
+            memory.release()  # every frame of the upload passed through this process
+
+    @staticmethod
+    def _heartbeat(job: Job, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            if job.read() is None:
+                return
+            job.write()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.queue.put(None)

@@ -1,0 +1,51 @@
+"""The front end's Prometheus metrics (GET /metrics), beside Triton's own on port 8002.
+
+Together they tell an operator where the bottleneck is: the GPU (Triton's
+compute time and GPU utilisation), the batcher (Triton's queue time, its
+average batch), or the front ends (the stages below: blending and encoding).
+Each front-end replica serves its own; Prometheus adds them up.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Seconds, from a few ms (a GPU's frame) to minutes (the full models on a CPU).
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180, 600)
+
+REQUESTS = Counter("musetalk_requests", "HTTP requests by route and status", ["route", "method", "status"])
+REQUEST_SECONDS = Histogram("musetalk_request_seconds", "HTTP request duration by route", ["route"],
+                            buckets=SECONDS)
+STAGE_SECONDS = Histogram("musetalk_stage_seconds", "Seconds per generation stage, as X-Timings reports them "
+                          "(audio_features, waiting_for_triton, blending, encoding, total)", ["stage"],
+                          buckets=SECONDS)
+FIRST_FRAME_SECONDS = Histogram("musetalk_first_frame_seconds", "Time to the first frame, by answer kind "
+                                "(whole mp4, stream, live)", ["kind"], buckets=SECONDS)
+FRAMES = Counter("musetalk_frames", "Video frames generated, by answer kind", ["kind"])
+TRITON_ERRORS = Counter("musetalk_triton_errors", "Failures talking to Triton, by kind "
+                        "(ServerUnavailable, ModelNotReady, ModelNotFound, InvalidInput, InferenceFailed)", ["kind"])
+PREPARATIONS = Counter("musetalk_avatar_preparations", "Avatar preparations that ended, by result "
+                       "(ready, failed, cancelled)", ["result"])
+PREPARATION_SECONDS = Histogram("musetalk_avatar_preparation_seconds", "Seconds to prepare an avatar",
+                                buckets=SECONDS)
+LIVE_SESSIONS = Gauge("musetalk_live_sessions", "Live sessions (WebSocket /ws/live) open now")
+STREAMS = Gauge("musetalk_streams_active", "Streamed answers (POST /onnx-infer stream=true) being sent now")
+LIVE_LATENCY = Histogram("musetalk_live_latency_seconds", "Live sessions: from receiving the audio of a frame "
+                         "to sending the frame", buckets=SECONDS)
+
+STAGES = ("audio_features", "waiting_for_triton", "blending", "encoding", "total")
+
+
+def observe_generation(report, kind: str) -> None:
+    """A finished generation's stages, frames and time to first frame."""
+    for stage in STAGES:
+        STAGE_SECONDS.labels(stage).observe(getattr(report, stage))
+    FRAMES.labels(kind).inc(report.frames)
+    if report.first_frame:
+        FIRST_FRAME_SECONDS.labels(kind).observe(report.first_frame)
+
+
+def triton_error(error: BaseException) -> None:
+    from client.errors import TritonClientError
+
+    if isinstance(error, TritonClientError):
+        TRITON_ERRORS.labels(type(error).__name__).inc()

@@ -1,0 +1,164 @@
+"""WebSocket /ws/live: speech in as it is spoken, video out as it is made.
+
+    query: avatar_id (default: the configured one), fps (1..60, 25), sample_rate (8000..96000, 16000)
+    client -> server: binary messages of PCM 16-bit little-endian mono samples, any size;
+                      then the text message {"type": "end"}
+    server -> client: {"type": "start", "codecs": ..., "width", "height", "fps", ...} first;
+                      binary messages that together are a fragmented MP4 (init segment first);
+                      {"type": "progress", "frames", "audio_seconds", "lag_seconds", "latency_ms"}
+                      about twice a second; {"type": "done", "frames": floor(seconds x fps), ...} last.
+    errors:           {"type": "error", "error": ..., "status": ...} and close code 4000 + status.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from frontend import metrics
+from frontend.errors import status_of
+from frontend.live import LiveError, LiveOptions, LiveSession, TooManySessions
+from frontend.services import Services
+
+router = APIRouter(tags=["live"])
+log = logging.getLogger("musetalk.frontend")
+OUTBOX = 64  # messages waiting for a slow client before the session waits for it
+
+
+class ClientGone(RuntimeError):
+    pass
+
+
+@router.websocket("/ws/live")
+async def live(websocket: WebSocket, avatar_id: str | None = None, fps: int = 25, sample_rate: int = 16000):
+    s: Services = websocket.app.state.services
+    await websocket.accept()
+    try:
+        if not 1 <= fps <= 60:
+            raise LiveError(f"fps must be 1..60, got {fps}")
+        if not 8000 <= sample_rate <= 96000:
+            raise LiveError(f"sample_rate must be 8000..96000 Hz, got {sample_rate}")
+        avatar = s.avatar(avatar_id)
+        slot = s.live_slots.acquire(blocking=False)
+        if not slot:
+            raise TooManySessions(f"all {s.settings.max_live_sessions} live sessions are taken; retry later")
+    except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
+        await _refuse(websocket, error)
+        return
+    metrics.LIVE_SESSIONS.inc()
+    try:
+        await _serve(websocket, s, avatar, fps, sample_rate)
+    finally:
+        metrics.LIVE_SESSIONS.dec()
+        s.live_slots.release()
+
+
+async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rate: int) -> None:
+    loop = asyncio.get_running_loop()
+    outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
+    closed = threading.Event()
+
+    def send(item: bytes | dict) -> None:  # from the session's thread, in order, waiting for a slow client
+        future = asyncio.run_coroutine_threadsafe(outbox.put(item), loop)
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if closed.is_set():
+                    future.cancel()
+                    raise ClientGone() from None
+
+    options = LiveOptions(batch_size=min(s.settings.batch_size, 8), in_flight=s.settings.in_flight,
+                          preset=s.settings.x264_preset, max_seconds=s.settings.max_live_seconds,
+                          max_lag_s=s.settings.max_live_lag_seconds)
+    session = LiveSession(avatar, fps, sample_rate, s.client, send, options)
+    width, height = avatar.size
+    await websocket.send_json({"type": "start", "avatar_id": avatar.id, "fps": fps, "width": width,
+                               "height": height, "codecs": session.codecs,
+                               "synthetic_weights": s.synthetic_weights()})
+    worker = _in_thread(loop, session.run)
+    sender = asyncio.create_task(_send_all(websocket, outbox))
+    receiver = asyncio.create_task(_receive_all(websocket, session, options.max_lag_s))
+    try:
+        done, _ = await asyncio.wait({worker, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        if receiver in done and receiver.exception() is not None:
+            raise receiver.exception()
+        await worker  # the session ends after its last frame (or raises)
+        await outbox.put(None)
+        await sender
+        await websocket.close()
+    except (WebSocketDisconnect, ClientGone):
+        log.info("live session for %r: the client left after %d frames", avatar.id, session.sent)
+    except Exception as error:  # noqa: BLE001 - the client hears why, the server serves on
+        metrics.triton_error(error)
+        log.warning("live session for %r failed after %d frames: %s", avatar.id, session.sent, error)
+        sender.cancel()
+        await _refuse(websocket, error)
+    finally:
+        closed.set()
+        session.cancel()
+        for task in (receiver, sender, worker):
+            task.cancel()
+        await asyncio.to_thread(session.finished.wait, 30)  # its Triton calls cancelled, encoders closed
+
+
+async def _receive_all(websocket: WebSocket, session: LiveSession, max_lag_s: float) -> None:
+    while True:
+        while session.lag_s > max_lag_s:  # back-pressure: the client's audio waits in its socket
+            await asyncio.sleep(0.05)
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        if message.get("bytes") is not None:
+            session.feed(message["bytes"])
+        elif message.get("text") is not None:
+            try:
+                command = json.loads(message["text"])
+            except ValueError:
+                command = None
+            if not isinstance(command, dict) or command.get("type") != "end":
+                raise LiveError(f'expected binary PCM or {{"type": "end"}}, got {message["text"][:80]!r}')
+            session.end()
+            return
+
+
+async def _send_all(websocket: WebSocket, outbox: asyncio.Queue) -> None:
+    while (item := await outbox.get()) is not None:
+        if isinstance(item, bytes):
+            if item:
+                await websocket.send_bytes(item)
+        else:
+            await websocket.send_json(item)
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, work) -> asyncio.Future:
+    """Run `work` on a thread of its own (sessions are long: not the shared thread pool)."""
+    future = loop.create_future()
+
+    def settle(error: BaseException | None, result=None) -> None:
+        if not future.done():
+            future.set_exception(error) if error else future.set_result(result)
+
+    def target():
+        try:
+            result = work()
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, error)
+        else:
+            loop.call_soon_threadsafe(settle, None, result)
+
+    threading.Thread(target=target, name="live-session", daemon=True).start()
+    return future
+
+
+async def _refuse(websocket: WebSocket, error: BaseException) -> None:
+    status, message = status_of(error)
+    try:
+        await websocket.send_json({"type": "error", "error": message, "status": status})
+        await websocket.close(code=4000 + status, reason=message[:120])
+    except Exception:  # noqa: BLE001 - the client may be gone already
+        pass
