@@ -67,6 +67,7 @@ class IncrementalFeatures:
         self.final_start = 0  # absolute step index of final[0]
         self.final_steps = 0  # absolute steps known for good
         self.released = 0  # frames handed out
+        self.mel = audio.GrowingLogMel()  # of the segment being heard
         self.runs = 0
         self._last_run = 0  # `received` when the last run was prepared
 
@@ -106,7 +107,7 @@ class IncrementalFeatures:
         count = min(len(self.buffer), SEGMENT)
         self._last_run = self.received
         self.runs += 1
-        return (self.segment, count), audio.log_mel(self.buffer[:count])[None]
+        return (self.segment, count), self.mel(self.buffer[:count])[None]
 
     def accept(self, covers: tuple[int, int], hidden: np.ndarray) -> None:
         """Keep the steps of an encoder run (hidden: [1, 1500, 5, 384] or [1500, 5, 384])
@@ -126,6 +127,7 @@ class IncrementalFeatures:
         if count == SEGMENT:  # on to the next segment
             self.buffer = self.buffer[SEGMENT:]
             self.segment += 1
+            self.mel = audio.GrowingLogMel()
 
     # -- output ---------------------------------------------------------------------------
     def windows(self) -> tuple[int, np.ndarray]:

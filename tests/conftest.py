@@ -7,9 +7,6 @@ scikit-image; the speech was spoken by espeak-ng.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -76,34 +73,3 @@ def frontend_server(triton, tmp_path_factory, face_png):
     assert server.wait_until_ready(180), f"the front end never became ready; see {server.log_file}"
     yield server
     server.stop()
-
-
-CHROMIUM = Path("/usr/bin/chromium")
-FAKE_MICROPHONE = BUILD / "microphone.wav"
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Headless Chromium (Debian's package) under Playwright, with a fake microphone that
-    speaks the speech fixture. Missing Chromium skips the page tests, except under CI=true."""
-    if not CHROMIUM.exists():
-        message = "the page tests need Debian's `chromium` package (apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    import soundfile
-    from playwright.sync_api import sync_playwright
-
-    samples, rate = soundfile.read(str(SPEECH), dtype="int16")
-    FAKE_MICROPHONE.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(FAKE_MICROPHONE), samples, rate, subtype="PCM_16")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={FAKE_MICROPHONE}",
-        ])
-        yield browser
-        browser.close()

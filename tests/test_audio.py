@@ -147,3 +147,11 @@ def test_mel_segments_split_every_30_seconds():
     samples = np.zeros(16000 * 65, np.float32)
     assert audio.mel_segments(samples).shape == (3, 80, 3000)
     assert audio.mel_segments(samples[:16000]).shape == (1, 80, 3000)
+
+
+def test_growing_log_mel_is_log_mel_of_every_prefix():
+    """The live path's incremental log-mel gives exactly the whole-segment one."""
+    samples = np.random.default_rng(3).normal(0, 0.1, 16000 * 31).astype(np.float32)
+    growing = audio.GrowingLogMel()
+    for n in [150, 201, 5000, 16000, 16000 * 7 + 33, 16000 * 29, 16000 * 30, 16000 * 31]:
+        np.testing.assert_array_equal(growing(samples[:n]), audio.log_mel(samples[:n]), err_msg=str(n))

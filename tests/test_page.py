@@ -3,12 +3,46 @@ uvicorn process and the real local Triton. Screenshots land in build/test/."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 
 from support import BUILD, SPEECH
+
+CHROMIUM = Path("/usr/bin/chromium")
+FAKE_MICROPHONE = BUILD / "microphone.wav"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's package) under Playwright, with a fake microphone that
+    speaks the speech fixture. Missing Chromium skips the page tests, except under CI=true.
+    Module-scoped: Playwright's sync API runs an event loop in this thread while it is open."""
+    if not CHROMIUM.exists():
+        message = "the page tests need Debian's `chromium` package (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    import soundfile
+    from playwright.sync_api import sync_playwright
+
+    samples, rate = soundfile.read(str(SPEECH), dtype="int16")
+    FAKE_MICROPHONE.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(FAKE_MICROPHONE), samples, rate, subtype="PCM_16")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={FAKE_MICROPHONE}",
+        ])
+        yield browser
+        browser.close()
+
 
 LONG_SPEECH = BUILD / "speech_x3.wav"  # 16.7 s: generation takes seconds, playback starts long before
 

@@ -23,7 +23,7 @@ ALLOWED = {
     "triton_local": {"contract", "client"},
     "frontend": {"contract", "client"},
     "stack": {"contract", "client", "export", "triton_local"},
-    "benchmarks": {"contract", "client", "export", "triton_local", "frontend"},
+    "benchmarks": {"contract", "client", "export", "triton_local", "frontend", "stack"},
 }
 HEAVY = ("torch", "onnx", "onnxruntime", "openvino", "transformers", "diffusers", "export", "triton_local")
 
