@@ -27,11 +27,10 @@ import numpy as np
 from benchmarks.provenance import invocation, machine
 from contract import specs
 from frontend import audio
-from frontend.avatars import FORMAT, Avatar, load_folder
+from frontend.avatars import FORMAT, Avatar, load_folder, save_material
 from frontend.blending import blend_mask
 from frontend.faces import LandmarkFinder, face_box
 from frontend.frames import FramesWriter
-from frontend.preparation import save_material
 from frontend.video import Mp4Writer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"frontend_cost_{args.width}x{args.height}.md"
     lines = [f"# Front-end cost per frame, {args.width}x{args.height} avatar, one core", "",
              f"- produced by: `{command_line}`", f"- machine: {machine()}", f"- date: {time.strftime('%Y-%m-%d')}",
-             "- budget: 5 ms per frame (one process feeds a GPU at 200 fps)", "",
+             "- budget: 5 ms per frame (one process feeds a GPU at 200 fps)",
              "- avatar: a photo (1 frame), or a video of N frames (the photo swaying sideways), stored as "
              "preparation stores it: H.264 frames decoded as the video is composed", "",
              "| avatar | x264 preset | audio features ms | avatar frame + blending ms | encoding ms "

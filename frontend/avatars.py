@@ -35,7 +35,7 @@ from frontend.faces import FaceBox
 from frontend.frames import CycleReader
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-FORMAT = 2  # 1: raw frames.npy (before 0.2); 2: frames.mp4
+FORMAT = 2  # 1: raw frames.npy (before 0.2), upgraded when first loaded; 2: frames.mp4
 
 
 class AvatarError(ValueError):
@@ -98,15 +98,50 @@ class Avatar:
         return self.latents.nbytes + sum(m.nbytes for m in self.masks if m is not None) + 64 * len(self.boxes)
 
 
+def save_material(folder: Path, boxes: list[FaceBox | None], latents: np.ndarray,
+                  masks: list[np.ndarray | None]) -> None:
+    """What composition needs per frame, beside frames.mp4 (meta.json is written last)."""
+    np.save(folder / "boxes.npy", np.array([b.as_tuple() if b else (-1, -1, -1, -1) for b in boxes], np.int32))
+    np.save(folder / "latents.npy", latents)
+    # Masks are mostly zeros and smooth ramps: compressed, a few kB each.
+    np.savez_compressed(folder / "masks.npz", **{str(i): m for i, m in enumerate(masks) if m is not None})
+
+
 def load_folder(avatar_id: str, folder: Path) -> Avatar:
     meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise AvatarError(f"avatar {avatar_id!r} was prepared by an older version (format "
-                          f"{meta.get('format')}); delete it and prepare it again")
     boxes = [FaceBox(*map(int, b)) if b[0] >= 0 else None for b in np.load(folder / "boxes.npy")]
     with np.load(folder / "masks.npz") as stored:
         masks = [stored[str(i)] if str(i) in stored.files else None for i in range(len(boxes))]
     return Avatar(avatar_id, folder, boxes, np.load(folder / "latents.npy"), masks, meta)
+
+
+def upgrade_format_1(avatar_id: str, folder: Path) -> None:
+    """Rewrite an avatar of format 1 (raw frames.npy, up to 1.5 GB for 10 s of 1080p) as format 2,
+    then swap it into place: the same frames, boxes, latents and masks."""
+    from frontend.frames import FramesWriter
+
+    meta = json.loads((folder / "meta.json").read_text())
+    staging = folder.parent / f".upgrade-{avatar_id}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        frames = np.load(folder / "frames.npy", mmap_mode="r")
+        writer = FramesWriter(staging / "frames.mp4", frames.shape[2], frames.shape[1])
+        for frame in frames:
+            writer.write(np.ascontiguousarray(frame))
+        writer.close()
+        with np.load(folder / "masks.npz") as stored:  # format 1 kept them as arr_0, arr_1, ...
+            masks = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        boxes = [FaceBox(*map(int, b)) for b in np.load(folder / "boxes.npy")]
+        save_material(staging, boxes, np.load(folder / "latents.npy"), masks)
+        meta.update(format=FORMAT, fps=25.0, faceless_frames=0, faceless=[], interpolated_frames=0,
+                    upgraded_from_format=1)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        trash = folder.parent / f".trash-{avatar_id}-{uuid.uuid4().hex[:8]}"
+        folder.rename(trash)
+        staging.rename(folder)
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class AvatarStore:
@@ -118,8 +153,9 @@ class AvatarStore:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, tuple[tuple, Avatar]] = OrderedDict()  # id -> (folder identity, avatar)
         self._lock = threading.Lock()
-        # What a crash left mid-delete: never a half avatar (those are staged in .jobs).
-        for leftover in self.root.glob(".trash-*"):
+        self._upgrading = threading.Lock()
+        # What a crash left mid-delete or mid-upgrade: never a half avatar (those are staged in .jobs).
+        for leftover in [*self.root.glob(".trash-*"), *self.root.glob(".upgrade-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, avatar_id: str) -> Path:
@@ -154,6 +190,11 @@ class AvatarStore:
             if cached and cached[0] == identity:
                 self._cache.move_to_end(avatar_id)
                 return cached[1]
+        if _format(folder) == 1:
+            with self._upgrading:  # one upgrade at a time (another replica may be at it too: no harm)
+                if _format(folder) == 1:
+                    upgrade_format_1(avatar_id, folder)
+            identity = _identity(folder)
         avatar = load_folder(avatar_id, folder)
         with self._lock:
             self._cache[avatar_id] = (identity, avatar)
@@ -169,6 +210,12 @@ class AvatarStore:
     def cached_bytes(self) -> int:
         with self._lock:
             return sum(a.nbytes for _, a in self._cache.values())
+
+    def upgrade_all(self) -> None:
+        """Upgrade every avatar of an earlier format now, rather than at its first request."""
+        for meta in self.root.glob("*/meta.json"):
+            if _format(meta.parent) == 1:
+                self.load(meta.parent.name)
 
     def list(self) -> list[dict]:
         out = []
@@ -189,6 +236,13 @@ class AvatarStore:
         with self._lock:
             self._cache.pop(avatar_id, None)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _format(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("format")
+    except (OSError, ValueError):
+        return None
 
 
 def _identity(folder: Path) -> tuple | None:

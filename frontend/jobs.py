@@ -117,7 +117,7 @@ class Jobs:
     def submit(self, avatar_id: str, upload: bytes, params: dict) -> Job:
         self.store.ensure_absent(avatar_id)
         job = self.job(avatar_id)
-        if job.read() and job.read().get("status") == "failed":
+        if (job.read() or {}).get("status") == "failed":
             shutil.rmtree(job.folder, ignore_errors=True)  # a new try replaces a failed one
         try:
             job.folder.mkdir()  # exclusive, across replicas
@@ -151,8 +151,8 @@ class Jobs:
         state = job.read()
         if state is None:
             return False
-        if state.get("status") == "failed" or not owner_alive(state.get("owner"), state.get("heartbeat")):
-            shutil.rmtree(job.folder, ignore_errors=True)
+        if state.get("status") in ("failed", "queued") or not owner_alive(state.get("owner"), state.get("heartbeat")):
+            shutil.rmtree(job.folder, ignore_errors=True)  # nothing runs it: its worker will find it gone
             return True
         (job.folder / "cancel").touch()
         if state.get("owner") == ME:  # ours: wait until it has stopped, so a new POST may follow
@@ -213,10 +213,7 @@ class Jobs:
         state = job.read()
         if state is None or state.get("owner") != ME:
             return  # cancelled meanwhile, or taken over
-        shutil.rmtree(job.staging, ignore_errors=True)  # what an interrupted run left
-        job.staging.mkdir()
         beating = threading.Event()
-        threading.Thread(target=self._heartbeat, args=(job, beating), daemon=True).start()
         last = [0.0]
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -224,10 +221,16 @@ class Jobs:
                 last[0] = time.monotonic()
                 job.write(status="preparing", stage=stage, frames_done=done, frames_total=total)
 
+        def stopped() -> bool:  # asked to stop, or the job was removed (a queued job's cancel)
+            return job.cancel_requested or not job.folder.exists()
+
         started = time.monotonic()
         try:
+            shutil.rmtree(job.staging, ignore_errors=True)  # what an interrupted run left
+            job.staging.mkdir()
+            threading.Thread(target=self._heartbeat, args=(job, beating), daemon=True).start()
             job.write(status="preparing", stage="starting")
-            meta = self.run(job, progress, lambda: job.cancel_requested)
+            meta = self.run(job, progress, stopped)
             (job.staging / "meta.json").write_text(json.dumps(meta, indent=1))
             self.store.publish(job.avatar_id, job.staging)
             shutil.rmtree(job.folder, ignore_errors=True)
@@ -236,28 +239,35 @@ class Jobs:
             log.info("avatar %r prepared (%d frames, %d without a face)", job.avatar_id, meta["frames"],
                      meta["faceless_frames"])
         except Exception as error:  # noqa: BLE001 - the job records why; the service runs on
-            if job.cancel_requested:
+            if stopped():
                 shutil.rmtree(job.folder, ignore_errors=True)
                 metrics.PREPARATIONS.labels("cancelled").inc()
                 log.info("preparation of avatar %r cancelled", job.avatar_id)
             else:
-                metrics.PREPARATIONS.labels("failed").inc()
-                metrics.triton_error(error)
-                status, message = self.status_of(error)
-                log.warning("preparation of avatar %r failed: %s", job.avatar_id, message)
-                job.write(status="failed", stage="failed", error=message, http_status=status)
-                job.upload.unlink(missing_ok=True)
-                shutil.rmtree(job.staging, ignore_errors=True)
+                self._fail(job, error)
         finally:
             beating.set()
             memory.release()  # every frame of the upload passed through this process
 
+    def _fail(self, job: Job, error: Exception) -> None:
+        metrics.PREPARATIONS.labels("failed").inc()
+        metrics.triton_error(error)
+        status, message = self.status_of(error)
+        log.warning("preparation of avatar %r failed: %s", job.avatar_id, message)
+        try:
+            job.write(status="failed", stage="failed", error=message, http_status=status)
+            job.upload.unlink(missing_ok=True)
+            shutil.rmtree(job.staging, ignore_errors=True)
+        except OSError:
+            pass  # removed meanwhile (cancelled): nothing to record
+
     @staticmethod
     def _heartbeat(job: Job, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
-            if job.read() is None:
-                return
-            job.write()
+            try:
+                job.write()
+            except OSError:
+                return  # the job is over (published, cancelled or removed)
 
     def close(self) -> None:
         self._stop.set()

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from contract import specs
-from frontend.avatars import FORMAT, AvatarError
+from frontend.avatars import FORMAT, AvatarError, save_material
 from frontend.blending import blend_mask
 from frontend.faces import FaceBox, LandmarkFinder, face_box
 from frontend.frames import FramesWriter
@@ -169,11 +169,3 @@ def describe_frames(indices: list[int], total: int) -> str:
         return "the image"
     shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
     return f"{len(indices)} of {total} frames (frame {shown})"
-
-
-def save_material(folder: Path, boxes: list[FaceBox | None], latents: np.ndarray,
-                  masks: list[np.ndarray | None]) -> None:
-    np.save(folder / "boxes.npy", np.array([b.as_tuple() if b else (-1, -1, -1, -1) for b in boxes], np.int32))
-    np.save(folder / "latents.npy", latents)
-    # Masks are mostly zeros and smooth ramps: compressed, a few kB each.
-    np.savez_compressed(folder / "masks.npz", **{str(i): m for i, m in enumerate(masks) if m is not None})

@@ -52,7 +52,7 @@ class Services:
         self.jobs.start()
         self.jobs.resume_interrupted()
         self.start_default_avatar()
-        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+        threading.Thread(target=_warm_up, args=(self.store,), name="warm-up", daemon=True).start()
 
     # -- uploads --------------------------------------------------------------------------
     @property
@@ -138,10 +138,15 @@ def services(connection: HTTPConnection) -> Services:
     return connection.app.state.services
 
 
-def _warm_up() -> None:
-    """Load what the first request would otherwise wait for (librosa's mel filters and
-    resampler: about 1.5 s at the first call)."""
+def _warm_up(store: avatars.AvatarStore) -> None:
+    """Do what the first requests would otherwise wait for: upgrade avatars of an earlier
+    format, load librosa's mel filters and resampler (about 1.5 s at the first call)."""
     from frontend import audio
+
+    try:
+        store.upgrade_all()
+    except Exception as error:  # noqa: BLE001 - requests for that avatar will say
+        log.error("could not upgrade the stored avatars: %s", error)
 
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as silence:

@@ -229,3 +229,32 @@ def test_a_1080p_avatar_stays_small_on_disk_and_in_memory(frontend_server, speec
     assert generated.status_code == 200
     grown = process.memory_info().rss - before
     assert grown < 300e6 * 100 / 250 + 150e6, f"the front end grew by {grown / 1e6:.0f} MB"
+
+
+def test_an_avatar_of_the_earlier_format_is_upgraded_when_loaded(tmp_path, face_image):
+    """Format 1 stored raw frames (frames.npy): it is rewritten as format 2 at its first load."""
+    import json
+
+    from frontend.avatars import FORMAT, AvatarStore
+    from frontend.blending import blend_mask
+    from frontend.faces import face_box
+
+    folder = tmp_path / "store" / "old"
+    folder.mkdir(parents=True)
+    frames = np.stack([face_image, np.roll(face_image, 4, axis=1)])
+    landmarks = LandmarkFinder().find(face_image)
+    box = face_box(landmarks, face_image.shape)
+    np.save(folder / "frames.npy", frames)
+    np.save(folder / "latents.npy", np.ones((2, 8, 32, 32), np.float32))
+    np.save(folder / "boxes.npy", np.array([box.as_tuple()] * 2, np.int32))
+    np.savez(folder / "masks.npz", *[blend_mask(landmarks, box)] * 2)
+    (folder / "meta.json").write_text(json.dumps({"id": "old", "format": 1, "frames": 2, "width": 512, "height": 512}))
+
+    avatar = AvatarStore(tmp_path / "store").load("old")
+    assert avatar.meta["format"] == FORMAT and avatar.meta["upgraded_from_format"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["boxes.npy", "frames.mp4", "latents.npy", "masks.npz",
+                                                        "meta.json"]
+    assert avatar.frame_count == 2 and avatar.boxes[1] == box and float(avatar.latents.mean()) == 1.0
+    reader = avatar.reader()
+    assert face_psnr(cv2.cvtColor(frames[1], cv2.COLOR_BGR2YUV_I420), reader.frame(1)) >= 45
+    reader.close()

@@ -1,18 +1,22 @@
-"""Dockerfile.triton cannot be built here (no Docker engine): lint it, and check its promises."""
+"""The images cannot be built here (no Docker engine): lint both Dockerfiles, and check
+Dockerfile.triton's promises (tests/test_deploy.py checks the front end's)."""
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
 
+import pytest
+
 from support import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile.triton"
 
 
-def test_hadolint_passes():
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.triton", "Dockerfile"])
+def test_hadolint_passes(dockerfile):
     hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    result = subprocess.run([hadolint, str(ROOT / dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

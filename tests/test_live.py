@@ -6,6 +6,7 @@ import io
 import json
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import av
@@ -102,8 +103,14 @@ def test_a_bad_message_ends_the_session_with_4422(frontend_server):
     assert closed.value.rcvd.code == 4422
 
 
+def live_sessions_open(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("musetalk_live_sessions ")))
+
+
 def test_clients_that_leave_mid_session_free_their_slot(frontend_server, triton):
-    """The front end allows 4 sessions: 6 clients that leave early, then one that stays, all work."""
+    """The front end allows 4 sessions: 6 clients that leave mid-session, one after the
+    other, each free their slot (their Triton calls cancelled); then a whole session works."""
     data, rate = pcm(16000)
     url = f"{frontend_server.url.replace('http', 'ws')}/ws/live?sample_rate={rate}"
     for _ in range(6):
@@ -111,9 +118,13 @@ def test_clients_that_leave_mid_session_free_their_slot(frontend_server, triton)
         assert json.loads(ws.recv())["type"] == "start"
         ws.send(data[: len(data) // 2])
         ws.close()  # mid-session, frames in flight
+        deadline = time.monotonic() + 30
+        while live_sessions_open(frontend_server.url) > 0:
+            assert time.monotonic() < deadline, "a session outlived its client"
+            time.sleep(0.1)
     result = live_session(frontend_server.url, data, rate)
     assert result["messages"][-1]["type"] == "done"
-    assert "musetalk_live_sessions 0.0" in httpx.get(f"{frontend_server.url}/metrics").text
+    assert live_sessions_open(frontend_server.url) == 0
     assert "musetalk_live_latency_seconds_count" in httpx.get(f"{frontend_server.url}/metrics").text
 
 
