@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, ServerError, http_ok
+from triton_local.server import BUILD, ServerError, die_with_parent, http_ok
 
 
 class FrontEnd:
@@ -32,7 +32,7 @@ class FrontEnd:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "frontend.app:create_app",
                  "--host", self.host, "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent,
             )
         if wait_for(lambda: http_ok(f"{self.url}/healthz"), timeout, 0.2,
                     give_up=lambda: self.process.poll() is not None):

@@ -40,3 +40,28 @@ def test_start_removes_what_an_earlier_crash_left(triton):
         orphan.kill()
         if os.path.exists(region):
             os.unlink(region)
+
+
+LAUNCHER = """
+import sys, time
+from triton_local.server import LocalTriton, Ports
+server = LocalTriton(sys.argv[1], Ports(*map(int, sys.argv[2:5])), log_file=sys.argv[5]).start()
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_server_dies_with_the_process_that_started_it(triton):
+    """A launcher killed outright (no chance to clean up) takes tritonserver and its stubs along."""
+    import sys
+
+    ports = Ports.free()
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(triton.repository), str(ports.http),
+                                 str(ports.grpc), str(ports.metrics), str(BUILD / "triton-orphan.log")],
+                                stdout=subprocess.PIPE, text=True)
+    server = psutil.Process(int(launcher.stdout.readline()))
+    family = [server, *server.children(recursive=True)]
+    launcher.kill()
+    launcher.wait()
+    assert wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
+                    15, 0.1), "tritonserver outlived the process that started it"

@@ -7,12 +7,14 @@ lists every pitfall handled here, numbered as the comments below cite them.
 The server leaves nothing behind, whichever way it stops: stop() ends the whole
 process group (python-backend stubs included) even after tritonserver died on
 its own; every stub exits by itself when its tritonserver is gone
-(python_model.py); and start() first removes what an earlier crash left (stubs
+(python_model.py); tritonserver ends when the process that started it ends, even
+killed outright; and start() first removes what an earlier crash left (stubs
 of this project's backend folder whose tritonserver is gone, and shared-memory
 regions that no process maps any more).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -187,10 +189,11 @@ class LocalTriton:
                 raise ServerError(f"port {port} is already in use: is another server running?")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("wb") as log:
-            # A session of its own: stop() signals the whole group, stubs included.
+            # A session of its own: stop() signals the whole group, stubs included. And it
+            # dies with this process, however that ends (Ctrl-C, kill, a crash).
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT,
-                env=self.environment.process_env(), start_new_session=True,
+                env=self.environment.process_env(), start_new_session=True, preexec_fn=die_with_parent,
             )
         def ready() -> bool:
             if on_wait:
@@ -250,6 +253,16 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child process, before exec: receive SIGTERM when the thread that started it ends
+    (start servers from the main thread, or one that lives as long as they should)."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(group: int, sig: int) -> None:
