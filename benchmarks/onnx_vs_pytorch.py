@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,24 +49,44 @@ class Backend:
     run: Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
-def pytorch(module, dtype=None, device="cpu") -> Callable:
-    if dtype is torch.float16:  # a copy: the fp32 backend keeps the original
-        module = copy.deepcopy(module).half()
-    module = module.to(device)
+def pytorch(module, device: str = "cpu", *, half: bool = False, autocast: torch.dtype | None = None,
+            tf32: bool = False, rewrites: tuple = ()) -> Callable:
+    """PyTorch eager: strict fp32 by default; or TF32 tensor cores, autocast to a dtype
+    (norms stay fp32), the whole module in fp16, and the export's exact rewrites."""
+    if half or rewrites:  # a copy: the fp32 backends keep the original
+        module = copy.deepcopy(module)
+    applied = ExitStack()
+    for rewrite in rewrites:
+        applied.enter_context(rewrite(module))
+    module = (module.half() if half else module).to(device)
 
     def run(inputs):
         tensors = [torch.from_numpy(x).to(device) for x in inputs]
-        if dtype is torch.float16:
+        if half:
             tensors = [t.half() if t.is_floating_point() else t for t in tensors]
-        with torch.no_grad(), torch.autocast(device, dtype=dtype or torch.float32,
-                                             enabled=dtype is torch.bfloat16):
+        with torch.no_grad(), _tf32(tf32), torch.autocast(device, dtype=autocast or torch.bfloat16,
+                                                          enabled=autocast is not None):
             out = module(*tensors)
         if device == "cuda":
             torch.cuda.synchronize()
         out = out if isinstance(out, tuple) else (out,)
         return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in out]
 
+    # The rewrites undo themselves when their context closes, which garbage
+    # collection of the stack would do: the runner holds it open.
+    run.rewrites = applied
     return run
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TF32 for matmuls and convolutions on or off (PyTorch's default has convolutions on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def positional(run: Runner, names: list[str]) -> Callable:
@@ -73,25 +94,49 @@ def positional(run: Runner, names: list[str]) -> Callable:
     return lambda inputs: list(run(dict(zip(names, inputs))).values())
 
 
-def backends_for(module, path: Path, names: list[str], cuda: bool) -> list[Backend]:
-    if cuda:
+def backends_for(config, module, onnx_file: Callable[[], Path], cuda: bool) -> list[Backend]:
+    """The backends compared on this machine; PyTorch strict fp32 first, the reference.
+
+    `onnx_file()` answers the checked ONNX file, asked only when an ONNX backend runs.
+    """
+    names = config.input_names
+    if not cuda:
+        path = onnx_file()
+        return [
+            Backend("pytorch-fp32", pytorch(module)),
+            Backend("pytorch-bf16", pytorch(module, autocast=torch.bfloat16)),
+            Backend("onnxruntime-fp32", positional(open_runner(path), names)),
+            Backend("openvino-fp32", positional(open_runner(path, "openvino", "f32"), names)),
+            Backend("openvino-bf16", positional(open_runner(path, "openvino", "bf16"), names)),
+        ]
+    backends = [
+        Backend("pytorch-fp32", pytorch(module, "cuda")),
+        Backend("pytorch-tf32", pytorch(module, "cuda", tf32=True)),
+        Backend("pytorch-bf16-autocast", pytorch(module, "cuda", autocast=torch.bfloat16)),
+        Backend("pytorch-fp16-autocast", pytorch(module, "cuda", autocast=torch.float16)),
+        Backend("pytorch-fp16", pytorch(module, "cuda", half=True)),
+    ]
+    if config.rewrites:  # what the exported graph computes, in fp16
+        backends.append(Backend("pytorch-fp16-subpixel",
+                                pytorch(module, "cuda", half=True, rewrites=config.rewrites)))
+    providers = _onnxruntime_providers()
+    if "CUDAExecutionProvider" in providers:
+        backends.append(Backend("onnxruntime-cuda-fp32", positional(
+            onnxruntime_runner(onnx_file(), providers=["CUDAExecutionProvider"]), names)))
+    if "TensorrtExecutionProvider" in providers:
         trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                                              "trt_engine_cache_path": str(RESULTS.parent / ".trt_cache")})
-        return [
-            Backend("pytorch-fp32", pytorch(module, device="cuda")),
-            Backend("pytorch-fp16", pytorch(module, torch.float16, "cuda")),
-            Backend("onnxruntime-cuda-fp32",
-                    positional(onnxruntime_runner(path, providers=["CUDAExecutionProvider"]), names)),
-            Backend("onnxruntime-tensorrt-fp16",
-                    positional(onnxruntime_runner(path, providers=[trt, "CUDAExecutionProvider"]), names)),
-        ]
-    return [
-        Backend("pytorch-fp32", pytorch(module)),
-        Backend("pytorch-bf16", pytorch(module, torch.bfloat16)),
-        Backend("onnxruntime-fp32", positional(open_runner(path), names)),
-        Backend("openvino-fp32", positional(open_runner(path, "openvino", "f32"), names)),
-        Backend("openvino-bf16", positional(open_runner(path, "openvino", "bf16"), names)),
-    ]
+        backends.append(Backend("onnxruntime-tensorrt-fp16", positional(
+            onnxruntime_runner(onnx_file(), providers=[trt, "CUDAExecutionProvider"]), names)))
+    return backends
+
+
+def _onnxruntime_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return onnxruntime.get_available_providers()
 
 
 def error(reference: np.ndarray, value: np.ndarray) -> dict:
@@ -106,16 +151,27 @@ def error(reference: np.ndarray, value: np.ndarray) -> dict:
 def measure(name: str, source: WeightSource, repository: Path, batches: list[int], repeats: int,
             cuda: bool) -> list[dict]:
     config = CONFIGS[name]
-    path = model_path(repository, name)
-    if recorded_key(path) != export_key(config, source):
-        raise SystemExit(f"{path} was not exported from these weights: run "
-                         f"`python -m export ...` with the same --weights/--synthetic/--profile first")
+
+    def onnx_file() -> Path:
+        path = model_path(repository, name)
+        if recorded_key(path) != export_key(config, source):
+            raise SystemExit(f"{path} was not exported from these weights: run "
+                             f"`python -m export ...` with the same --weights/--synthetic/--profile first")
+        return path
+
     module = config.build(source.load(config.component) if config.component else None).eval()
-    backends = backends_for(module, path, config.input_names, cuda)
+    backends = backends_for(config, module, onnx_file, cuda)
     rows = []
     for batch in batches:
         inputs = [t.numpy() for t in config.sample(batch, torch.Generator().manual_seed(batch))]
-        outputs = {b.name: b.run(inputs)[0] for b in backends}  # warm-up, and the outputs compared
+        outputs = {}  # the warm-up, and the outputs compared
+        for b in list(backends):
+            try:
+                outputs[b.name] = b.run(inputs)[0]
+            except RuntimeError as failure:  # e.g. pure fp16 of a network that casts its uint8 input to fp32
+                print(f"  {name:20s} batch {batch:3d} {b.name:26s} cannot run: {str(failure).splitlines()[0]}",
+                      flush=True)
+                backends.remove(b)
         reference = outputs[backends[0].name]
         times = {b.name: [] for b in backends}
         for r in range(repeats):
@@ -127,10 +183,10 @@ def measure(name: str, source: WeightSource, repository: Path, batches: list[int
         for b in backends:
             ms = statistics.median(times[b.name]) * 1000
             rows.append({"network": name, "backend": b.name, "batch": batch,
-                         "ms_per_call": round(ms, 2), "ms_per_frame": round(ms / batch, 2),
+                         "ms_per_call": round(ms, 3), "ms_per_frame": round(ms / batch, 3),
                          "speedup": round(base * 1000 / ms, 2),
                          **error(reference, outputs[b.name])})
-            print(f"  {name:20s} batch {batch:3d} {b.name:26s} {ms / batch:9.1f} ms/frame "
+            print(f"  {name:20s} batch {batch:3d} {b.name:26s} {ms / batch:9.3f} ms/frame "
                   f"x{rows[-1]['speedup']:5.2f}  {json.dumps(error(reference, outputs[b.name]))}",
                   flush=True)
     return rows
@@ -145,7 +201,7 @@ def core_rows(rows: list[dict]) -> list[dict]:
         if len(parts) == len(CORE):
             face = next(r for r in parts if r["network"] == "vae_decoder")
             out.append({"network": "core", "backend": backend, "batch": batch,
-                        "ms_per_frame": round(sum(r["ms_per_frame"] for r in parts), 1),
+                        "ms_per_frame": round(sum(r["ms_per_frame"] for r in parts), 3),
                         "face_psnr_db": face.get("face_psnr_db", "reference")})
     reference = rows[0]["backend"]  # the first backend measured: PyTorch fp32
     for row in out:
@@ -163,27 +219,48 @@ def machine_used(cuda: bool) -> str:
 def write(rows: list[dict], core: list[dict], args, command_line: str, cuda: bool) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"onnx_vs_pytorch_{args.profile}_{'cuda' if cuda else 'cpu'}"
-    versions = {m: __import__(m).__version__ for m in ("torch", "onnxruntime", "openvino")}
+    versions = _versions(cuda)
     header = [f"# ONNX vs PyTorch ({args.profile} profile, {'CUDA' if cuda else 'CPU'})", "",
               f"- produced by: `{command_line}`", f"- machine: {machine_used(cuda)}",
               f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
               "- weights: " + ("synthetic (random values: real timings, no lip sync)" if args.synthetic
                                else "checkpoints"),
-              f"- median of {args.repeats} interleaved runs after a warm-up; date {time.strftime('%Y-%m-%d')}", "",
+              f"- median of {args.repeats} interleaved runs after a warm-up; date {time.strftime('%Y-%m-%d')}",
+              *(["- a call's time includes moving its inputs to the GPU and its outputs back"] if cuda else []),
+              "",
               "## The per-frame core (positional_encoding + unet + vae_decoder)", "",
               "| batch | backend | ms per frame | speed-up vs PyTorch fp32 | face PSNR vs PyTorch fp32 |",
               "|---|---|---|---|---|"]
-    lines = header + [f"| {r['batch']} | {r['backend']} | {r['ms_per_frame']:.0f} | {r['speedup']:.2f}x | "
+    lines = header + [f"| {r['batch']} | {r['backend']} | {_ms(r['ms_per_frame'])} | {r['speedup']:.2f}x | "
                       f"{_psnr(r.get('face_psnr_db', 'reference'))} |" for r in core]
     lines += ["", "## Each network", "",
               "| network | batch | backend | ms per call | ms per frame | speed-up | error vs PyTorch fp32 |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['network']} | {r['batch']} | {r['backend']} | {r['ms_per_call']:.1f} | "
-              f"{r['ms_per_frame']:.1f} | {r['speedup']:.2f}x | "
+    lines += [f"| {r['network']} | {r['batch']} | {r['backend']} | {_ms(r['ms_per_call'])} | "
+              f"{_ms(r['ms_per_frame'])} | {r['speedup']:.2f}x | "
               f"{_error_text(r)} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "core": core}, indent=2))
     return stem.with_suffix(".md")
+
+
+def _versions(cuda: bool) -> dict[str, str]:
+    found = {}
+    for name in ("torch", "onnxruntime", "openvino"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = "absent"
+    if cuda:
+        found["CUDA"] = torch.version.cuda
+        found["cuDNN"] = str(torch.backends.cudnn.version())
+        found["onnxruntime providers"] = "/".join(_onnxruntime_providers()) or "none"
+    return found
+
+
+def _ms(value: float) -> str:
+    """Three significant figures: GPU calls take fractions of a millisecond, CPU ones seconds."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _psnr(value) -> str:
@@ -214,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         args.synthetic = False
     command_line = invocation("benchmarks.onnx_vs_pytorch", argv)
     cuda = torch.cuda.is_available()
+    # cuDNN picks its fastest kernels during the warm-up, as TensorRT does at build.
+    torch.backends.cudnn.benchmark = cuda
     source = WeightSource(args.weights, args.profile)
     rows = []
     for name in args.networks.split(","):
@@ -224,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     core = core_rows(rows)
     print("\ncore (positional_encoding + unet + vae_decoder), per frame:")
     for r in core:
-        print(f"  batch {r['batch']:3d} {r['backend']:26s} {r['ms_per_frame']:9.1f} ms  x{r['speedup']:.2f}  "
+        print(f"  batch {r['batch']:3d} {r['backend']:26s} {r['ms_per_frame']:9.3f} ms  x{r['speedup']:.2f}  "
               f"face PSNR {r['face_psnr_db']} dB")
     print(f"results: {write(rows, core, args, command_line, cuda)}")
     return 0

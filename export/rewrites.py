@@ -30,7 +30,7 @@ class SubpixelUpsample(nn.Module):
     def __init__(self, upsample: nn.Module):
         super().__init__()
         weight, bias = upsample.conv.weight.detach(), upsample.conv.bias.detach()
-        rows = _PHASE_ROWS.to(weight.dtype)
+        rows = _PHASE_ROWS.to(weight)  # the weight's dtype and device
         phases = torch.einsum("auy,oiyx,bvx->oabiuv", rows, weight, rows)  # [Co, 2, 2, Ci, 2, 2]
         self.channels = weight.shape[0]
         self.register_buffer("weight", phases.reshape(4 * self.channels, weight.shape[1], 2, 2))
