@@ -71,7 +71,8 @@ class UNet(nn.Module):
         self.unet = unet
 
     def forward(self, latents: torch.Tensor, audio_embedding: torch.Tensor) -> torch.Tensor:
-        timestep = torch.zeros((), dtype=latents.dtype)
+        # On the latents' device: a CPU scalar would be a host copy per call on a GPU.
+        timestep = torch.zeros((), dtype=latents.dtype, device=latents.device)
         return self.unet(latents, timestep, encoder_hidden_states=audio_embedding).sample
 
 
