@@ -114,10 +114,9 @@ def test_clients_that_leave_mid_session_free_their_slot(frontend_server, triton)
     data, rate = pcm(16000)
     url = f"{frontend_server.url.replace('http', 'ws')}/ws/live?sample_rate={rate}"
     for _ in range(6):
-        ws = connect(url)
-        assert json.loads(ws.recv())["type"] == "start"
-        ws.send(data[: len(data) // 2])
-        ws.close()  # mid-session, frames in flight
+        with connect(url) as ws:  # closed on leaving the block: mid-session, frames in flight
+            assert json.loads(ws.recv())["type"] == "start"
+            ws.send(data[: len(data) // 2])
         deadline = time.monotonic() + 30
         while live_sessions_open(frontend_server.url) > 0:
             assert time.monotonic() < deadline, "a session outlived its client"
