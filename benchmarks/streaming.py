@@ -105,8 +105,9 @@ def live_session(url: str, pcm: bytes, rate: int, chunk_s: float, fps: int = 25)
         step = int(rate * chunk_s) * 2
         started = time.perf_counter()
         for i, offset in enumerate(range(0, len(pcm), step)):
-            ws.send(pcm[offset : offset + step])
+            # Noted before sending: the reader may see this audio's frames before send returns.
             sent_at.append((min(len(pcm), offset + step) // 2, time.perf_counter()))
+            ws.send(pcm[offset : offset + step])
             time.sleep(max(0.0, started + (i + 1) * chunk_s - time.perf_counter()))
         speech_ended = time.perf_counter()
         ws.send(json.dumps({"type": "end"}))

@@ -52,6 +52,10 @@ def translate(error: BaseException, model: str | None) -> TritonClientError:
     message = _message(error)
     status = getattr(error, "status", None)
     kind = _BY_STATUS.get(str(status() if callable(status) else status), InferenceFailed)
+    # gRPC says UNAVAILABLE both for a refused connection and for a model Triton has not
+    # (yet) loaded ("... has no available versions"): only the latter names a model.
+    if kind is ServerUnavailable and "model" in message.lower():
+        kind = ModelNotReady
     if kind is ServerUnavailable:
         return kind(f"cannot reach the Triton server ({message})", model)
     return kind(message, model)

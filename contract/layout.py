@@ -6,6 +6,7 @@ each file; the local server and the launchers read it back from there.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 DATA_FILE = "model.onnx.data"  # weights beside the graph, for models over protobuf's 2 GB
@@ -26,8 +27,19 @@ def model_path(repository: Path, name: str) -> Path:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """An ONNX file's metadata_props, without reading weights stored beside it."""
+    """An ONNX file's metadata_props, without reading weights stored beside it.
+
+    Parsing still reads the weights stored inside the file (1 s for the VAE decoder),
+    and the exporter, the precision gate and the local server each ask at start-up:
+    the answer is kept while the file is unchanged."""
+    stat = Path(path).stat()
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return dict(_metadata(str(Path(path).resolve()), version))
+
+
+@lru_cache(maxsize=32)
+def _metadata(path: str, version: tuple) -> tuple[tuple[str, str], ...]:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
+    model = onnx.load(path, load_external_data=False)
+    return tuple((p.key, p.value) for p in model.metadata_props)

@@ -48,12 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: no ids in labels
-        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
-        return response
+        started, status = time.perf_counter(), "500"  # unless an answer comes: an exception no handler took
+        try:
+            response = await call_next(request)
+            status = str(response.status_code)
+            return response
+        finally:
+            route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: no ids in labels
+            metrics.REQUESTS.labels(route, request.method, status).inc()
+            # Until the answer starts: a streamed answer's whole time is in the generation metrics.
+            metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
 
     for module in (health, generation, avatars, live, page):
         app.include_router(module.router)

@@ -213,18 +213,23 @@ class AvatarStore:
 
     def upgrade_all(self) -> None:
         """Upgrade every avatar of an earlier format now, rather than at its first request."""
-        for meta in self.root.glob("*/meta.json"):
+        for meta in self._metas():
             if _format(meta.parent) == 1:
                 self.load(meta.parent.name)
 
     def list(self) -> list[dict]:
         out = []
-        for meta in sorted(self.root.glob("*/meta.json")):
+        for meta in self._metas():
             try:
                 out.append({**json.loads(meta.read_text()), "status": "ready"})
             except (OSError, ValueError):
                 continue  # deleted meanwhile
         return out
+
+    def _metas(self) -> list[Path]:
+        """meta.json of every published avatar: not the hidden folders (.jobs, .trash-*,
+        .upgrade-*), which glob's "*" matches too."""
+        return sorted(m for m in self.root.glob("*/meta.json") if not m.parent.name.startswith("."))
 
     def delete(self, avatar_id: str) -> None:
         folder = self.path(avatar_id)

@@ -105,10 +105,17 @@ class Jobs:
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.finished = threading.Condition()
         self.worker = threading.Thread(target=self._work, name="avatar-jobs", daemon=True)
+        self.beat = threading.Thread(target=self._heartbeat, name="avatar-jobs-heartbeat", daemon=True)
         self._stop = threading.Event()
+        # The jobs this process has queued or runs: the heartbeat keeps them ours, queued
+        # ones too (else another replica would take them over while they wait). job.json
+        # is read, changed and written back: `writing` makes this process's writers take turns.
+        self.owned: set[str] = set()
+        self.writing = threading.Lock()
 
     def start(self) -> None:
         self.worker.start()
+        self.beat.start()
 
     def job(self, avatar_id: str) -> Job:
         return Job(avatar_id, self.root / avatar_id)
@@ -124,8 +131,10 @@ class Jobs:
         except FileExistsError:
             raise AvatarExists(f"avatar {avatar_id!r} is already being prepared") from None
         job.upload.write_bytes(upload)
-        job.write(id=avatar_id, status="queued", stage="queued", frames_done=0, frames_total=None,
-                  params=params, owner=ME, created=time.time())
+        with self.writing:
+            job.write(id=avatar_id, status="queued", stage="queued", frames_done=0, frames_total=None,
+                      params=params, owner=ME, created=time.time())
+            self.owned.add(avatar_id)
         self.queue.put(avatar_id)
         return job
 
@@ -152,7 +161,9 @@ class Jobs:
         if state is None:
             return False
         if state.get("status") in ("failed", "queued") or not owner_alive(state.get("owner"), state.get("heartbeat")):
-            shutil.rmtree(job.folder, ignore_errors=True)  # nothing runs it: its worker will find it gone
+            with self.writing:  # no heartbeat of ours writes into the folder being removed
+                self.owned.discard(avatar_id)
+                shutil.rmtree(job.folder, ignore_errors=True)  # nothing runs it: its worker will find it gone
             return True
         (job.folder / "cancel").touch()
         if state.get("owner") == ME:  # ours: wait until it has stopped, so a new POST may follow
@@ -191,7 +202,9 @@ class Jobs:
             (job.folder / f"claim.{claims + 1}").mkdir()
         except FileExistsError:
             return False  # another front end was faster
-        job.write(owner=ME, status="queued", stage="queued")
+        with self.writing:
+            job.write(owner=ME, status="queued", stage="queued")
+            self.owned.add(avatar_id)
         return True
 
     def _work(self) -> None:
@@ -212,14 +225,15 @@ class Jobs:
     def _run(self, job: Job) -> None:
         state = job.read()
         if state is None or state.get("owner") != ME:
+            self._disown(job)
             return  # cancelled meanwhile, or taken over
-        beating = threading.Event()
         last = [0.0]
 
         def progress(stage: str, done: int, total: int) -> None:
             if time.monotonic() - last[0] > 0.5 or done == total:
                 last[0] = time.monotonic()
-                job.write(status="preparing", stage=stage, frames_done=done, frames_total=total)
+                with self.writing:
+                    job.write(status="preparing", stage=stage, frames_done=done, frames_total=total)
 
         def stopped() -> bool:  # asked to stop, or the job was removed (a queued job's cancel)
             return job.cancel_requested or not job.folder.exists()
@@ -228,10 +242,11 @@ class Jobs:
         try:
             shutil.rmtree(job.staging, ignore_errors=True)  # what an interrupted run left
             job.staging.mkdir()
-            threading.Thread(target=self._heartbeat, args=(job, beating), daemon=True).start()
-            job.write(status="preparing", stage="starting")
+            with self.writing:
+                job.write(status="preparing", stage="starting")
             meta = self.run(job, progress, stopped)
             (job.staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            self._disown(job)
             self.store.publish(job.avatar_id, job.staging)
             shutil.rmtree(job.folder, ignore_errors=True)
             metrics.PREPARATIONS.labels("ready").inc()
@@ -239,6 +254,7 @@ class Jobs:
             log.info("avatar %r prepared (%d frames, %d without a face)", job.avatar_id, meta["frames"],
                      meta["faceless_frames"])
         except Exception as error:  # noqa: BLE001 - the job records why; the service runs on
+            self._disown(job)
             if stopped():
                 shutil.rmtree(job.folder, ignore_errors=True)
                 metrics.PREPARATIONS.labels("cancelled").inc()
@@ -246,14 +262,15 @@ class Jobs:
             else:
                 self._fail(job, error)
         finally:
-            beating.set()
             memory.release()  # every frame of the upload passed through this process
 
     def _fail(self, job: Job, error: Exception) -> None:
         metrics.PREPARATIONS.labels("failed").inc()
         metrics.triton_error(error)
         status, message = self.status_of(error)
-        log.warning("preparation of avatar %r failed: %s", job.avatar_id, message)
+        # A 500 is a bug: its traceback, not only the exception's name, goes to the log.
+        log.warning("preparation of avatar %r failed: %s", job.avatar_id, message,
+                    exc_info=error if status >= 500 else None)
         try:
             job.write(status="failed", stage="failed", error=message, http_status=status)
             job.upload.unlink(missing_ok=True)
@@ -261,13 +278,19 @@ class Jobs:
         except OSError:
             pass  # removed meanwhile (cancelled): nothing to record
 
-    @staticmethod
-    def _heartbeat(job: Job, stop: threading.Event) -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                job.write()
-            except OSError:
-                return  # the job is over (published, cancelled or removed)
+    def _disown(self, job: Job) -> None:
+        """The job ends here: after this, no heartbeat of ours writes into its folder."""
+        with self.writing:
+            self.owned.discard(job.avatar_id)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self.writing:
+                for avatar_id in list(self.owned):
+                    try:
+                        self.job(avatar_id).write()
+                    except OSError:
+                        self.owned.discard(avatar_id)  # removed meanwhile (cancelled by another replica)
 
     def close(self) -> None:
         self._stop.set()

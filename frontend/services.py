@@ -34,6 +34,8 @@ class Services:
     store: avatars.AvatarStore
     jobs: Jobs
     live_slots: threading.BoundedSemaphore
+    _default_thread: threading.Thread | None = None  # preparing the default avatar (waits for Triton)
+    _default_error: str | None = None  # why that failed before its job existed
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -72,7 +74,9 @@ class Services:
         wanted = avatars.check_id(avatar_id or self.settings.default_avatar)
         if not self.store.exists(wanted):
             job = self.jobs.status(wanted)
-            if job or (wanted == self.settings.default_avatar and self.default_pending):
+            if job and job.get("status") == "failed":  # retrying will not help
+                raise avatars.AvatarNotFound(f"avatar {wanted!r} could not be prepared: {job.get('error')}")
+            if job or (wanted == self.settings.default_avatar and self._default_starting()):
                 raise NotReady(f"avatar {wanted!r} is {describe_job(job)}; retry shortly")
         return self.store.load(wanted)
 
@@ -88,17 +92,35 @@ class Services:
         return preparation.prepare(job.avatar_id, media, encode, job.staging, params["bbox_shift"],
                                    params["extra_margin"], progress, cancelled)
 
-    @property
-    def default_pending(self) -> bool:
-        """The default avatar is configured but not ready yet."""
-        return bool(self.settings.default_avatar_source) and not self.store.exists(self.settings.default_avatar)
+    def default_problem(self) -> str | None:
+        """Why the configured default avatar cannot serve yet (for /readyz); None if it can,
+        or if none is configured."""
+        wanted = self.settings.default_avatar
+        if not self.settings.default_avatar_source or self.store.exists(wanted):
+            return None
+        job = self.jobs.status(wanted)  # this replica's job or another's
+        if job and job.get("status") == "failed":
+            return f"the default avatar {wanted!r} could not be prepared: {job.get('error')}"
+        if job:
+            return f"the default avatar {wanted!r} is {describe_job(job)}"
+        if self._default_starting():
+            return f"the default avatar {wanted!r} is still being prepared (waiting for Triton)"
+        if self._default_error:
+            return f"the default avatar {wanted!r} could not be prepared: {self._default_error}"
+        return f"the default avatar {wanted!r} is missing (deleted?); a restart prepares it again"
+
+    def _default_starting(self) -> bool:
+        return self._default_thread is not None and self._default_thread.is_alive()
 
     def start_default_avatar(self) -> None:
         """Prepare the default avatar in the background when it is missing; until it is
         ready, /readyz answers 503."""
-        if self.default_pending and not self.jobs.status(self.settings.default_avatar):
-            threading.Thread(target=self._prepare_default, args=(Path(self.settings.default_avatar_source),),
-                             daemon=True, name="default-avatar").start()
+        wanted = self.settings.default_avatar
+        if self.settings.default_avatar_source and not self.store.exists(wanted) and not self.jobs.status(wanted):
+            self._default_thread = threading.Thread(
+                target=self._prepare_default, args=(Path(self.settings.default_avatar_source),),
+                daemon=True, name="default-avatar")
+            self._default_thread.start()
 
     def _prepare_default(self, source: Path) -> None:
         try:
@@ -106,6 +128,7 @@ class Services:
             self.jobs.submit(self.settings.default_avatar, source.read_bytes(), {"bbox_shift": 0, "extra_margin": 10})
             log.info("preparing the default avatar %r from %s", self.settings.default_avatar, source)
         except Exception as error:  # noqa: BLE001 - the service runs on; /readyz says why
+            self._default_error = str(error) or type(error).__name__
             log.error("could not prepare the default avatar: %s", error)
 
     # -- models ---------------------------------------------------------------------------
@@ -127,10 +150,8 @@ class Services:
 
 
 def describe_job(job: dict | None) -> str:
-    """"still being prepared (40%)", or "failed: <why>"."""
-    job = job or {}
-    return f"failed: {job['error']}" if job.get("error") else \
-        f"still being prepared ({job.get('progress', 0):.0%})"
+    """"still being prepared (40%)": a job under way."""
+    return f"still being prepared ({(job or {}).get('progress', 0):.0%})"
 
 
 def services(connection: HTTPConnection) -> Services:

@@ -258,3 +258,56 @@ def test_an_avatar_of_the_earlier_format_is_upgraded_when_loaded(tmp_path, face_
     reader = avatar.reader()
     assert face_psnr(cv2.cvtColor(frames[1], cv2.COLOR_BGR2YUV_I420), reader.frame(1)) >= 45
     reader.close()
+
+
+def test_folders_being_deleted_or_upgraded_are_not_avatars(tmp_path):
+    """Another replica's delete (.trash-*) or upgrade (.upgrade-*) in progress is not listed
+    nor upgraded: glob's "*" matches hidden folders too."""
+    import json
+
+    from frontend.avatars import AvatarStore
+
+    store = AvatarStore(tmp_path / "store")
+    for hidden in (".trash-gone-1234abcd", ".upgrade-old-1234abcd"):
+        (store.root / hidden).mkdir()
+        (store.root / hidden / "meta.json").write_text(json.dumps({"id": "gone", "format": 1, "frames": 1}))
+    assert store.list() == []
+    store.upgrade_all()  # would try to load ".trash-..." as an avatar
+
+
+def test_queued_jobs_keep_their_heartbeat_and_ended_ones_lose_it(tmp_path, monkeypatch):
+    """A job waiting behind another stays this process's (else another replica would take it
+    over after STALE_S and both would run it); once it has ended nothing writes to it."""
+    import threading
+    import time
+
+    from frontend import jobs as jobs_module
+    from frontend.avatars import AvatarStore
+    from frontend.errors import status_of
+
+    monkeypatch.setattr(jobs_module, "HEARTBEAT_S", 0.1)
+    release = threading.Event()
+
+    def run(job, progress, stopped):
+        release.wait(30)
+        raise ValueError("no face")
+
+    jobs = jobs_module.Jobs(AvatarStore(tmp_path / "store"), run, status_of)
+    jobs.start()
+    try:
+        jobs.submit("first", b"x", {})
+        jobs.submit("second", b"x", {})
+        queued = jobs.job("second").read()
+        assert queued["status"] == "queued"
+        deadline = time.monotonic() + 10
+        while jobs.job("second").read()["heartbeat"] == queued["heartbeat"]:
+            assert time.monotonic() < deadline, "a queued job's heartbeat stood still"
+            time.sleep(0.05)
+        release.set()
+        assert jobs.wait("second", 10)["status"] == "failed"
+        ended = jobs.job("second").read()
+        time.sleep(0.5)
+        assert jobs.job("second").read() == ended  # no heartbeat after the end
+    finally:
+        release.set()
+        jobs.close()

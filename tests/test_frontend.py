@@ -280,6 +280,41 @@ def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_p
         assert response.status_code == 200 and response.json()["avatar_id"] == "house"
 
 
+@pytest.mark.parametrize("source", ["missing file", "no face"])
+def test_a_default_avatar_that_cannot_be_prepared_says_why(triton, tmp_path, speech_bytes, source):
+    """Not "still being prepared" for ever: /readyz gives the reason, requests get a 404."""
+    import time
+
+    photo = tmp_path / "portrait.png"
+    if source == "no face":
+        cv2.imwrite(str(photo), np.full((256, 256, 3), 128, np.uint8))
+    settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars",
+                        default_avatar="house", default_avatar_source=str(photo))
+    with TestClient(create_app(settings)) as api:
+        deadline = time.monotonic() + 60
+        while "still being prepared" in (ready := api.get("/readyz").json()["error"]):
+            assert time.monotonic() < deadline, "still being prepared after 60 s"
+            time.sleep(0.2)
+        assert "could not be prepared" in ready and ("portrait.png" in ready or "face" in ready)
+        response = api.post("/onnx-infer", data={"skip_save_images": "true"},
+                            files={"audio_file": ("speech.flac", speech_bytes)})
+        assert response.status_code == 404 and "'house'" in response.json()["error"]
+
+
+def test_a_request_that_fails_unexpectedly_is_counted_as_a_500(api, speech_bytes, monkeypatch):
+    from frontend import metrics
+
+    def broken(avatar_id):
+        raise RuntimeError("a bug")
+
+    counter = metrics.REQUESTS.labels("/onnx-infer", "POST", "500")
+    before = counter._value.get()
+    monkeypatch.setattr(api.app.state.services, "avatar", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # TestClient hands the server's exception on
+        post_speech(api, speech_bytes, skip_save_images="true")
+    assert counter._value.get() == before + 1
+
+
 def test_connections_do_not_pile_up_across_requests(api, speech_bytes):
     """In-flight requests run on the client's own threads: no new connections per request."""
     post_speech(api, speech_bytes, skip_save_images="true")

@@ -120,6 +120,13 @@ def test_classification_ignores_the_message_text():
     internal = InferenceServerException("expected the GPU to answer", status="StatusCode.INTERNAL")
     assert type(translate(internal, "unet")) is InferenceFailed
     assert type(translate(InferenceServerException("x", status="503"), "unet")) is ModelNotReady
+    # Over gRPC a model not loaded and a refused connection share UNAVAILABLE.
+    loading = InferenceServerException("Request for unknown model: 'unet' has no available versions",
+                                       status="StatusCode.UNAVAILABLE")
+    assert type(translate(loading, "unet")) is ModelNotReady
+    refused = InferenceServerException("failed to connect to all addresses; last error: Connection refused",
+                                       status="StatusCode.UNAVAILABLE")
+    assert type(translate(refused, "unet")) is ServerUnavailable
     assert type(translate(ConnectionRefusedError(111, "refused"), "unet")) is ServerUnavailable
 
 

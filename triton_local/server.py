@@ -202,10 +202,10 @@ class LocalTriton:
 
         if wait_for(ready, timeout, give_up=lambda: self.process.poll() is not None):
             return self
-        if self.process.poll() is not None:
+        if (code := self.process.poll()) is not None:
             self.stop()
             raise ServerError(
-                f"tritonserver exited with code {self.process.returncode}; "
+                f"tritonserver exited with code {code}; "
                 f"last lines of {self.log_file}:\n{self.log_tail()}"
             )
         self.stop()
@@ -232,6 +232,7 @@ class LocalTriton:
         # Stubs stop within a second of their server; whatever is still there goes now.
         if not wait_for(lambda: not _group_alive(group), 5.0, 0.1):
             _signal_group(group, signal.SIGKILL)
+        self.process = None  # a second stop must not signal a group whose id was reused
 
     def resident_bytes(self) -> int:
         """Resident memory of the server and its python-backend stubs together."""
@@ -311,8 +312,13 @@ def _remove_unmapped_regions(shm: Path = Path("/dev/shm")) -> None:
         except OSError:
             continue  # the process ended meanwhile, or is not ours to read
     for region in regions:
-        if str(region) not in mapped:
-            region.unlink(missing_ok=True)
+        # Only our own user's: another user's (or another container's, whose processes
+        # /proc does not show) may be in use, and /dev/shm's sticky bit forbids it anyway.
+        try:
+            if str(region) not in mapped and region.stat().st_uid == os.getuid():
+                region.unlink()
+        except OSError:
+            continue  # removed meanwhile
 
 
 def _has_tritonserver_parent(process) -> bool:

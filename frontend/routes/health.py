@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contract import specs
 from frontend.errors import error_response
-from frontend.services import Services, describe_job, services
+from frontend.services import Services, services
 
 router = APIRouter(tags=["health"])
 
@@ -27,9 +27,8 @@ def readyz(s: Services = Depends(services)):
     waiting = [m for m in specs.MODELS if not s.client.model_ready(m)]
     if waiting:
         return error_response(503, f"models not ready: {', '.join(waiting)}")
-    if s.default_pending:
-        state = describe_job(s.jobs.status(s.settings.default_avatar))
-        return error_response(503, f"the default avatar {s.settings.default_avatar!r} is {state}")
+    if problem := s.default_problem():
+        return error_response(503, problem)
     return {"status": "ready", "models": list(specs.MODELS)}
 
 
