@@ -70,7 +70,7 @@ def fidelity(folder: Path, frames: list[np.ndarray]) -> float:
     """Lowest PSNR of composing from the stored H.264 frames against composing from the raw
     frames (the earlier format), with the same generated face (a mid-grey face with a mouth)."""
     from export.precision import face_psnr
-    from frontend.avatars import load_folder
+    from frontend.avatars.store import load_folder
 
     avatar = load_folder("bench", folder)
     reader = avatar.reader()
@@ -87,7 +87,7 @@ def fidelity(folder: Path, frames: list[np.ndarray]) -> float:
 
 def decoded(video: bytes) -> list[np.ndarray]:
     """The upload's frames as the earlier format stored them (raw, after decoding)."""
-    from frontend.media import open_media
+    from frontend.avatars.media import open_media
 
     return list(open_media(video, max_seconds=3600).read())
 

@@ -26,12 +26,12 @@ import numpy as np
 
 from benchmarks.provenance import invocation, machine
 from contract import specs
-from frontend import audio
-from frontend.avatars import FORMAT, Avatar, load_folder, save_material
-from frontend.blending import blend_mask
-from frontend.faces import LandmarkFinder, face_box
-from frontend.frames import FramesWriter
-from frontend.video import Mp4Writer
+from frontend.avatars.blending import blend_mask
+from frontend.avatars.faces import LandmarkFinder, face_box
+from frontend.avatars.frames import FramesWriter
+from frontend.avatars.store import FORMAT, Avatar, load_folder, save_material
+from frontend.speech import audio
+from frontend.video.writers import Mp4Writer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"

@@ -4,8 +4,8 @@
     python -m benchmarks.live_features --repository build/test/tiny_onnx --label tiny
 
 The same speech goes through both paths with the same ONNX audio_encoder (onnxruntime):
-the whole clip at once (frontend/audio.py), and live in 40 ms chunks
-(frontend/live_features.py) for several look-aheads. For each: the relative L2
+the whole clip at once (frontend/speech/audio.py), and live in 40 ms chunks
+(frontend/speech/incremental.py) for several look-aheads. For each: the relative L2
 distance of all frames' windows, the worst frame's, the encoder runs, and the
 audio each frame waits for beyond its own end (upstream's 2 frames + the
 look-ahead + up to one hop). Random weights: the distances are those of this
@@ -23,8 +23,8 @@ import numpy as np
 from benchmarks.provenance import invocation, machine
 from contract.layout import model_path
 from contract.runners import open_runner
-from frontend import audio
-from frontend.live_features import HOP_S, IncrementalFeatures
+from frontend.speech import audio
+from frontend.speech.incremental import HOP_S, IncrementalFeatures
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"

@@ -30,7 +30,7 @@ import numpy as np
 import soundfile
 
 from benchmarks.provenance import invocation, machine
-from frontend import fmp4
+from frontend.video import fmp4
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"

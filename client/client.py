@@ -7,12 +7,16 @@
 Inputs larger than the model's max_batch_size are split and sent as several
 requests, up to `max_in_flight` at once, so Triton's dynamic batcher always has
 work queued; the results come back concatenated in order.
+
+`submit(client.musetalk, audio, latents)` starts a request and returns a Future
+at once. Over gRPC it uses tritonclient's asynchronous call, so `cancel()` also
+cancels the request on the server (what Triton 2.51 does with it: see `submit`).
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -59,6 +63,8 @@ class MuseTalkClient(NamedCalls):
         self._module = protocol_module(protocol)
         self._local = threading.local()
         self._workers: list[_Worker] = []
+        self._async = None  # the gRPC connection of submitted named calls
+        self._async_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="musetalk-client")
         # Separate threads for submit(): a submitted call that splits its batch
@@ -112,10 +118,67 @@ class MuseTalkClient(NamedCalls):
         return merge([f.result() for f in futures])
 
     def submit(self, call: Callable[..., T], *args) -> Future:
-        """Start `call(*args)` (e.g. `client.musetalk, audio, latents`) on the client's own
-        threads and return its Future: keep several requests in flight without threads of
-        your own. The threads, and their connections, live as long as the client."""
+        """Start `call(*args)` (e.g. `client.musetalk, audio, latents`) and return its Future:
+        keep several requests in flight without threads of your own.
+
+        A named call of this client over gRPC (without shared memory) is sent with
+        tritonclient's asynchronous gRPC call, and `future.cancel()` cancels it on the server
+        as well, until its answer has arrived. What Triton (2.51) then does: a request not yet
+        executing never runs its next ensemble step (for `musetalk`, the vae_decoder is
+        skipped even while the unet runs; Triton's statistics count the skipped step as a
+        `fail` of that model); the step that is executing finishes (the onnxruntime backend
+        cannot stop mid-batch). Anything else runs on the client's own threads, and `cancel()`
+        only stops what has not started. The threads, and their connections, live as long as
+        the client."""
+        model = _named_model(self, call)
+        if model is not None and self.protocol == "grpc" and not self.shared_memory:
+            return self._start(specs.MODELS[model], args)
         return self._submitted.submit(call, *args)
+
+    def _start(self, spec: specs.ModelSpec, arrays: tuple[np.ndarray, ...]) -> Future:
+        _, parts = split(spec.name, dict(zip([t.name for t in spec.inputs], arrays)))
+        future = _Cancellable(len(parts))
+        try:
+            client = self._async_client()
+            for index, part in enumerate(parts):
+                def done(result, error, index=index) -> None:  # on gRPC's thread: must not raise
+                    try:
+                        if error is not None:
+                            raise error
+                        future.part_done(index, read_outputs(result, spec)[spec.outputs[0].name])
+                    except BaseException as failure:  # noqa: BLE001 - the future carries it
+                        future.part_failed(translate(failure, spec.name))
+
+                inputs, outputs = make_inputs(self._module, part), make_outputs(self._module, spec)
+                # tritonclient's async_infer keeps the call on the client object between sending it
+                # and adding the callback: two threads at once would swap their callbacks.
+                with self._async_lock:
+                    future.contexts.append(client.async_infer(spec.name, inputs, done, outputs=outputs,
+                                                              **infer_kwargs(self.protocol, self.timeout_s)))
+        except Exception as error:  # noqa: BLE001 - the future carries every failure
+            future.cancel()
+            failure = translate(error, spec.name)
+            if isinstance(failure, ServerUnavailable):
+                self._drop_async_client()
+            future = Future()
+            future.set_exception(failure)
+        return future
+
+    def _async_client(self):
+        """One gRPC connection for asynchronous calls (a gRPC channel is thread-safe)."""
+        with self._lock:
+            if self._async is None:
+                try:
+                    self._async = self._module.InferenceServerClient(self.url)
+                except Exception as error:  # noqa: BLE001
+                    raise translate(error, None) from error
+            return self._async
+
+    def _drop_async_client(self) -> None:
+        with self._lock:
+            client, self._async = self._async, None
+        if client is not None:
+            _close_quietly(client)
 
     def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray) -> np.ndarray:
         names = [t.name for t in spec.inputs]
@@ -169,12 +232,65 @@ class MuseTalkClient(NamedCalls):
             for worker in self._workers:
                 worker.close()
             self._workers.clear()
+        self._drop_async_client()
 
     def __enter__(self) -> MuseTalkClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _named_model(client: MuseTalkClient, call: Callable) -> str | None:
+    """The model of `call` if it is one of `client`'s named calls (client.musetalk...)."""
+    if getattr(call, "__self__", None) is not client:
+        return None
+    name = getattr(call, "__name__", "")
+    return name if name in specs.MODELS else None
+
+
+class _Cancellable(Future):
+    """The Future of a request sent with gRPC's asynchronous call, in one or more parts:
+    `cancel()` cancels every part on the server too, until the answer has arrived."""
+
+    def __init__(self, parts: int):
+        super().__init__()
+        self.contexts: list = []  # tritonclient's CallContext per part
+        self._parts: list = [None] * parts
+        self._missing = parts
+        self._guard = threading.Lock()
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        for context in self.contexts:
+            context.cancel()
+        return True
+
+    def part_done(self, index: int, output: np.ndarray) -> None:
+        with self._guard:
+            self._parts[index] = output
+            self._missing -= 1
+            if self._missing:
+                return
+        self._settle(self.set_result, self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts))
+
+    def part_failed(self, error: BaseException) -> None:
+        self._settle(self.set_exception, error)
+
+    @staticmethod
+    def _settle(setter, value) -> None:
+        try:
+            setter(value)
+        except InvalidStateError:
+            pass  # cancelled meanwhile (the server then answers CANCELLED), or an earlier part failed
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a dead connection is fine
+        pass
 
 
 class _Worker:
@@ -192,7 +308,4 @@ class _Worker:
     def close(self) -> None:
         for arena in self.arenas.values():
             arena.close()
-        try:
-            self.client.close()
-        except Exception:  # noqa: BLE001 - closing a dead connection is fine
-            pass
+        _close_quietly(self.client)

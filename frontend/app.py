@@ -8,13 +8,14 @@ Errors are JSON (frontend/errors.py has the one table of statuses).
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
 from frontend import errors, metrics
-from frontend.routes import avatars, generation, health, live, page
+from frontend.routes import avatars, generation, health, live, page, sessions
 from frontend.services import Services
 from frontend.settings import Settings
 
@@ -25,7 +26,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services.start()
+        expiring = asyncio.create_task(services.sessions.keep_expiring())
         yield
+        expiring.cancel()
+        await services.sessions.close()
         services.close()
 
     app = FastAPI(
@@ -59,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Until the answer starts: a streamed answer's whole time is in the generation metrics.
             metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
 
-    for module in (health, generation, avatars, live, page):
+    for module in (health, generation, avatars, live, sessions, page):
         app.include_router(module.router)
     app.mount("/static", page.static, name="static")
     return app

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -23,16 +23,23 @@ from client.errors import (
     TritonClientError,
 )
 from frontend import metrics
-from frontend.audio import AudioError
-from frontend.avatars import AvatarError, AvatarExists, AvatarNotFound
-from frontend.live import LiveError, LiveTooLong, TooManySessions
-from frontend.media import MediaError, MediaTooLarge
+from frontend.avatars.media import MediaError, MediaTooLarge
+from frontend.avatars.store import AvatarError, AvatarExists, AvatarNotFound
+from frontend.generation.live import LiveError, LiveTooLong, TooManySessions
+from frontend.sessions.registry import SessionNotFound
+from frontend.sessions.segments import SegmentTooLong
+from frontend.sessions.viewers import OfferError
+from frontend.speech.audio import AudioError
 
 log = logging.getLogger("musetalk.frontend")
 
 
 class UploadTooLarge(ValueError):
     """An uploaded file over MUSETALK_MAX_UPLOAD_MB."""
+
+
+class UnsupportedMediaType(ValueError):
+    """A body of the wrong Content-Type (a WHEP offer must be application/sdp)."""
 
 
 class NotReady(RuntimeError):
@@ -52,6 +59,10 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     LiveError: (422, ""),
     LiveTooLong: (413, ""),
     TooManySessions: (429, ""),
+    SessionNotFound: (404, ""),
+    SegmentTooLong: (413, ""),
+    OfferError: (400, ""),
+    UnsupportedMediaType: (415, ""),
     ServerUnavailable: (503, "inference server unavailable: "),
     ModelNotReady: (503, "inference server unavailable: "),
     ModelNotFound: (503, "inference server unavailable: "),
@@ -71,6 +82,16 @@ def status_of(error: BaseException) -> tuple[int, str]:
             status, prefix = STATUS[kind]
             return status, f"{prefix}{error}"
     return 500, f"internal error: {type(error).__name__}"
+
+
+async def refuse_websocket(websocket: WebSocket, error: BaseException) -> None:
+    """A WebSocket's error: the message, then close code 4000 + its status."""
+    status, message = status_of(error)
+    try:
+        await websocket.send_json({"type": "error", "error": message, "status": status})
+        await websocket.close(code=4000 + status, reason=message[:120])
+    except Exception:  # noqa: BLE001 - the client may be gone already
+        pass
 
 
 def install(app: FastAPI) -> None:

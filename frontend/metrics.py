@@ -27,6 +27,12 @@ PREPARATIONS = Counter("musetalk_avatar_preparations", "Avatar preparations that
                        "(ready, failed, cancelled)", ["result"])
 PREPARATION_SECONDS = Histogram("musetalk_avatar_preparation_seconds", "Seconds to prepare an avatar",
                                 buckets=SECONDS)
+SESSIONS = Gauge("musetalk_sessions", "Conversational sessions (POST /sessions) open now")
+SESSION_VIEWERS = Gauge("musetalk_session_viewers", "WebRTC viewers of conversational sessions now")
+SESSION_FRAMES = Counter("musetalk_session_frames", "Conversational sessions' video frames, by kind "
+                         "(idle, speech, transition, hold)", ["kind"])
+SESSION_SPEECH_START = Histogram("musetalk_session_speech_start_seconds", "From a speech segment's first audio "
+                                 "received to its first frame sent", buckets=SECONDS)
 LIVE_SESSIONS = Gauge("musetalk_live_sessions", "Live sessions (WebSocket /ws/live) open now")
 STREAMS = Gauge("musetalk_streams_active", "Streamed answers (POST /onnx-infer stream=true) being sent now")
 LIVE_LATENCY = Histogram("musetalk_live_latency_seconds", "Live sessions: from receiving the audio of a frame "

@@ -18,11 +18,17 @@ from starlette.requests import HTTPConnection
 
 from client import MuseTalkClient
 from contract.layout import SYNTHETIC_KEY
-from frontend import avatars, preparation
+from frontend.avatars import preparation
+from frontend.avatars import store as avatars
+from frontend.avatars.jobs import Job, Jobs
+from frontend.avatars.media import Media, open_media
 from frontend.errors import NotReady, UploadTooLarge, status_of
-from frontend.jobs import Job, Jobs
-from frontend.media import Media, open_media
+from frontend.sessions.idle import IdleCycles
+from frontend.sessions.registry import Sessions
+from frontend.sessions.session import SessionOptions
 from frontend.settings import Settings
+
+IDLE_GOP = 25  # an encoded idle cycle has a keyframe every 25 frames: where sessions may start its replay
 
 log = logging.getLogger("musetalk.frontend")
 
@@ -33,7 +39,8 @@ class Services:
     client: MuseTalkClient
     store: avatars.AvatarStore
     jobs: Jobs
-    live_slots: threading.BoundedSemaphore
+    live_slots: threading.BoundedSemaphore  # conversational sessions and /ws/live sessions together
+    sessions: Sessions
     _default_thread: threading.Thread | None = None  # preparing the default avatar (waits for Triton)
     _default_error: str | None = None  # why that failed before its job existed
 
@@ -44,9 +51,21 @@ class Services:
         client = MuseTalkClient(settings.triton_url, settings.triton_protocol,
                                 max_in_flight=settings.in_flight * (4 + settings.max_live_sessions))
         store = avatars.AvatarStore(settings.avatar_dir, int(settings.avatar_cache_mb * 2**20))
-        services = cls(settings, client, store, None, threading.BoundedSemaphore(settings.max_live_sessions))
+        slots = threading.BoundedSemaphore(settings.max_live_sessions)
+        sessions = Sessions(client, slots, settings.max_live_sessions, settings.session_idle_seconds,
+                            settings.ice_servers, IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP))
+        services = cls(settings, client, store, None, slots, sessions)
         services.jobs = Jobs(store, services._prepare, status_of)
         return services
+
+    def session_options(self, fps: int, **overrides) -> SessionOptions:
+        """A new session's options: the settings, and what its request chose."""
+        s = self.settings
+        options = {"transition_frames": s.session_transition_frames, "silence_dbfs": s.session_silence_dbfs,
+                   **overrides}
+        return SessionOptions(fps=fps, batch_size=min(s.batch_size, 8), in_flight=s.in_flight,
+                              ahead_seconds=s.session_ahead_seconds, max_segment_seconds=s.max_live_seconds,
+                              video_kbps=s.webrtc_video_kbps, **options)
 
     def start(self) -> None:
         """At start-up: the job worker (and any preparation a crash interrupted), the
@@ -162,7 +181,7 @@ def services(connection: HTTPConnection) -> Services:
 def _warm_up(store: avatars.AvatarStore) -> None:
     """Do what the first requests would otherwise wait for: upgrade avatars of an earlier
     format, load librosa's mel filters and resampler (about 1.5 s at the first call)."""
-    from frontend import audio
+    from frontend.speech import audio
 
     try:
         store.upgrade_all()

@@ -18,7 +18,7 @@ from contract import specs
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MUSETALK_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="MUSETALK_", frozen=True, env_parse_none_str="off")
 
     triton_url: str = Field("localhost:8001", description="Triton's gRPC (or HTTP) host:port")
     triton_protocol: Literal["grpc", "http"] = "grpc"
@@ -38,9 +38,25 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request")
     in_flight: int = Field(4, ge=1, description="batches kept in flight per request")
     x264_preset: str = "veryfast"
-    max_live_sessions: int = Field(16, ge=1, description="live sessions (WebSocket /ws/live) at once")
+    max_live_sessions: int = Field(
+        16, ge=1, description="live sessions at once: conversational sessions and WebSocket /ws/live together")
     max_live_seconds: float = Field(600.0, gt=0, description="speech per live session")
     max_live_lag_seconds: float = Field(
         10.0, gt=0, description="stop reading a live session's audio while its video trails it by more")
+    session_idle_seconds: float = Field(
+        60.0, gt=0, description="a session nobody watches or speaks to for this long ends by itself")
+    session_transition_frames: int = Field(
+        3, ge=0, le=25, description="frames over which a session fades between the avatar's own face and speech")
+    session_silence_dbfs: float | None = Field(
+        -50.0, le=0, description="a speech frame whose audio window is quieter shows the avatar's own face "
+                                 "(no Triton call); off: every speech frame is generated")
+    session_ahead_seconds: float = Field(2.0, gt=0, description="a session generates at most this far ahead "
+                                                                "of what it plays")
+    session_queue_seconds: float = Field(
+        60.0, gt=0, description="speech a session queues before its speech socket stops being read")
+    webrtc_video_kbps: int = Field(1500, ge=100, le=20000, description="sessions' video bitrate")
+    ice_servers: list[dict] = Field(
+        default_factory=list, description="STUN/TURN servers for WebRTC, as browsers' RTCIceServer JSON: "
+        '[{"urls": "turn:turn.example.com:3478", "username": "u", "credential": "p"}]')
     synthetic_weights: bool | None = Field(
         None, description="say that the models have random weights (default: ask Triton's model config)")

@@ -53,7 +53,7 @@ def astronaut_head():
     import cv2
     import skimage.data
 
-    from frontend.faces import LandmarkFinder
+    from frontend.avatars.faces import LandmarkFinder
 
     photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
     landmarks = LandmarkFinder().find(photo)

@@ -11,7 +11,7 @@ import pytest
 import soundfile
 from transformers import WhisperFeatureExtractor
 
-from frontend import audio
+from frontend.speech import audio
 from support import FIXTURES
 
 

@@ -17,9 +17,9 @@ import skimage.data
 from fastapi.testclient import TestClient
 
 from frontend.app import create_app
-from frontend.faces import LandmarkFinder
-from frontend.frames import CycleReader, FramesWriter
-from frontend.preparation import fill_gaps
+from frontend.avatars.faces import LandmarkFinder
+from frontend.avatars.frames import CycleReader, FramesWriter
+from frontend.avatars.preparation import fill_gaps
 from frontend.settings import Settings
 from stack.frontend_process import FrontEnd
 from support import BUILD, face_on_canvas, face_psnr, video_bytes
@@ -235,9 +235,9 @@ def test_an_avatar_of_the_earlier_format_is_upgraded_when_loaded(tmp_path, face_
     """Format 1 stored raw frames (frames.npy): it is rewritten as format 2 at its first load."""
     import json
 
-    from frontend.avatars import FORMAT, AvatarStore
-    from frontend.blending import blend_mask
-    from frontend.faces import face_box
+    from frontend.avatars.blending import blend_mask
+    from frontend.avatars.faces import face_box
+    from frontend.avatars.store import FORMAT, AvatarStore
 
     folder = tmp_path / "store" / "old"
     folder.mkdir(parents=True)
@@ -265,7 +265,7 @@ def test_folders_being_deleted_or_upgraded_are_not_avatars(tmp_path):
     nor upgraded: glob's "*" matches hidden folders too."""
     import json
 
-    from frontend.avatars import AvatarStore
+    from frontend.avatars.store import AvatarStore
 
     store = AvatarStore(tmp_path / "store")
     for hidden in (".trash-gone-1234abcd", ".upgrade-old-1234abcd"):
@@ -281,8 +281,8 @@ def test_queued_jobs_keep_their_heartbeat_and_ended_ones_lose_it(tmp_path, monke
     import threading
     import time
 
-    from frontend import jobs as jobs_module
-    from frontend.avatars import AvatarStore
+    from frontend.avatars import jobs as jobs_module
+    from frontend.avatars.store import AvatarStore
     from frontend.errors import status_of
 
     monkeypatch.setattr(jobs_module, "HEARTBEAT_S", 0.1)

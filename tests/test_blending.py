@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from frontend.blending import Compositor, blend_mask, crop_box, i420_planes
-from frontend.faces import NOSE, FaceBox, LandmarkFinder, face_box
+from frontend.avatars.blending import Compositor, blend_mask, crop_box, i420_planes
+from frontend.avatars.faces import NOSE, FaceBox, LandmarkFinder, face_box
 
 
 @pytest.fixture(scope="module")

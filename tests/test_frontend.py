@@ -14,7 +14,7 @@ import skimage.data
 from fastapi.testclient import TestClient
 
 from frontend.app import create_app
-from frontend.avatars import AvatarStore
+from frontend.avatars.store import AvatarStore
 from frontend.settings import Settings
 from support import speech_seconds
 from triton_local.server import LocalTriton, Ports

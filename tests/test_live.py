@@ -20,8 +20,9 @@ from websockets.sync.client import connect
 from client import MuseTalkClient
 from contract.layout import model_path
 from contract.runners import open_runner
-from frontend import audio, fmp4
-from frontend.live_features import IncrementalFeatures
+from frontend.speech import audio
+from frontend.speech.incremental import IncrementalFeatures
+from frontend.video import fmp4
 from support import SPEECH, speech_seconds
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from client import MuseTalkClient
-from frontend import fmp4
+from frontend.video import fmp4
 from stack.frontend_process import FrontEnd
 from support import BUILD, SPEECH, speech_seconds
 from triton_local.server import LocalTriton, Ports, free_port

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -171,3 +172,34 @@ def test_submit_keeps_requests_in_flight_on_the_clients_threads(triton):
         results = [f.result() for f in futures]
         assert all(np.array_equal(r, results[0]) for r in results)
         np.testing.assert_array_equal(results[0], client.musetalk(audio, latents))
+
+
+def inference_stats(client: MuseTalkClient, model: str) -> tuple[int, int]:
+    """(frames inferred, requests failed or cancelled) of `model`, from Triton's statistics."""
+    stats = client.statistics(model)
+    return int(stats.get("inference_count", 0)), int(stats["inference_stats"].get("fail", {}).get("count", 0))
+
+
+def test_a_cancelled_request_is_cancelled_on_the_server(triton):
+    """gRPC cancellation reaches Triton: the ensemble never runs the steps a cancelled request
+    has not started (here the vae_decoder of the second batch, queued behind the first)."""
+    audio, latents = frames(32)
+    with MuseTalkClient(triton.grpc_url) as client:
+        models = ("positional_encoding", "unet", "vae_decoder", "musetalk")
+        before = {m: inference_stats(client, m) for m in models}
+        first = client.submit(client.musetalk, audio, latents)
+        second = client.submit(client.musetalk, audio, latents)
+        time.sleep(0.05)
+        assert second.cancel() and second.cancelled()
+        assert first.result().shape == (32, 256, 256, 3)
+        deadline = time.monotonic() + 30
+        while inference_stats(client, "musetalk")[1] == before["musetalk"][1]:  # the cancel is seen
+            assert time.monotonic() < deadline, "Triton never saw the cancellation"
+            time.sleep(0.1)
+        after = {m: inference_stats(client, m) for m in models}
+    assert after["vae_decoder"][0] - before["vae_decoder"][0] == 32  # the first batch only
+    # The step the cancelled request never started is counted as a fail of that model.
+    assert sum(after[m][1] - before[m][1] for m in models[:3]) == 1
+    with pytest.raises(CancelledError):
+        second.result()
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 
-from frontend import avatars
+from frontend.avatars import store as avatars
 from frontend.errors import error_response
 from frontend.services import Services, services
 

@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from contract import specs
-from frontend import audio, pipeline
+from frontend.generation import answers
 from frontend.services import Services, services
+from frontend.speech import audio
 
 router = APIRouter(tags=["generation"])
 
@@ -61,13 +62,13 @@ def onnx_infer(
     speech = audio.decode(s.read_upload(audio_file), s.settings.max_audio_seconds)
     batch = batch_size or s.settings.batch_size
     if stream and not skip_save_images:
-        chunks = pipeline.stream(avatar, speech, fps, s.client, batch, s.settings.in_flight,
+        chunks = answers.stream(avatar, speech, fps, s.client, batch, s.settings.in_flight,
                                  s.settings.x264_preset)
         first = next(chunks)  # errors before the first byte are the usual JSON answers
         frames = audio.frame_count(speech.seconds, fps)
         return ClosingStream(_body(first, chunks), media_type="video/mp4",
                              headers={"X-Frame-Count": str(frames), "Cache-Control": "no-store"})
-    video, report = pipeline.generate(
+    video, report = answers.generate(
         avatar, speech, fps, s.client, batch, s.settings.in_flight,
         encode=not skip_save_images, preset=s.settings.x264_preset,
     )

@@ -20,8 +20,8 @@ import threading
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from frontend import metrics
-from frontend.errors import status_of
-from frontend.live import LiveError, LiveOptions, LiveSession, TooManySessions
+from frontend.errors import refuse_websocket
+from frontend.generation.live import LiveError, LiveOptions, LiveSession, TooManySessions
 from frontend.services import Services
 
 router = APIRouter(tags=["live"])
@@ -47,7 +47,7 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: int = 25
         if not slot:
             raise TooManySessions(f"all {s.settings.max_live_sessions} live sessions are taken; retry later")
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
-        await _refuse(websocket, error)
+        await refuse_websocket(websocket, error)
         return
     metrics.LIVE_SESSIONS.inc()
     try:
@@ -97,7 +97,7 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
         metrics.triton_error(error)
         log.warning("live session for %r failed after %d frames: %s", avatar.id, session.sent, error)
         sender.cancel()
-        await _refuse(websocket, error)
+        await refuse_websocket(websocket, error)
     finally:
         closed.set()
         session.cancel()
@@ -153,12 +153,3 @@ def _in_thread(loop: asyncio.AbstractEventLoop, work) -> asyncio.Future:
 
     threading.Thread(target=target, name="live-session", daemon=True).start()
     return future
-
-
-async def _refuse(websocket: WebSocket, error: BaseException) -> None:
-    status, message = status_of(error)
-    try:
-        await websocket.send_json({"type": "error", "error": message, "status": status})
-        await websocket.close(code=4000 + status, reason=message[:120])
-    except Exception:  # noqa: BLE001 - the client may be gone already
-        pass

@@ -1,39 +1,222 @@
-// The MuseTalk page: pick or prepare an avatar, speak (a file or the microphone), watch it
-// while it is generated. Fragmented MP4 from POST /onnx-infer?stream=true or WebSocket
-// /ws/live is played with Media Source Extensions. No build step, nothing from other hosts.
+// The MuseTalk page: a conversational session, watched over WebRTC (WHEP). The avatar is on
+// screen, idle, as soon as the page opens; a file or the microphone is spoken into the session
+// through its speech socket; Interrupt cuts the speech. No build step, nothing from other hosts.
 
 const $ = (id) => document.getElementById(id);
 const video = $("video");
+const RATE = 16000; // the PCM the page sends
 
-// What the page did, for people (the stats) and for the browser tests (window.musetalk).
-const state = (window.musetalk = { runs: 0 });
-
-function resetRun(kind) {
-  Object.assign(state, {
-    kind, runs: state.runs + 1, started: performance.now(), firstFrameAt: null, playingAt: null,
-    doneAt: null, frames: null, error: null, bytes: 0, latency: null,
-  });
-  for (const id of ["ttff", "frames", "fps-out", "latency"]) $(id).textContent = "-";
-  $("download").hidden = true;
-  setStatus(kind === "live" ? "listening..." : "generating...");
-}
+// What the page sees, for people (the stats) and for the browser tests (window.musetalk).
+const state = (window.musetalk = {
+  session: null, state: "connecting", presented: 0, fps: null, latencies: [], segmentsSent: 0,
+  error: null, events: [],
+});
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
+  if (isError) state.error = text;
 }
 
-function seconds(ms) { return `${(ms / 1000).toFixed(2)} s`; }
+async function json(answer) {
+  const body = await answer.json().catch(() => ({}));
+  if (!answer.ok) throw new Error(body.error ?? answer.statusText);
+  return body;
+}
 
-// -- avatars -------------------------------------------------------------------------------
+// -- the session and its video ----------------------------------------------------------------
+let pc = null, viewer = null, speech = null;
+
+async function openSession() {
+  await closeSession();
+  state.state = "connecting";
+  $("state").textContent = "connecting...";
+  const session = await json(await fetch("/sessions", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ avatar_id: $("avatar").value || null, fps: Number($("fps").value) }),
+  }));
+  state.session = session;
+  pc = new RTCPeerConnection({ iceServers: session.ice_servers });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  const stream = new MediaStream();
+  pc.ontrack = ({ track }) => { stream.addTrack(track); video.srcObject = stream; };
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc); // WHEP without trickle: every candidate goes in the offer
+  const answer = await fetch(session.whep, {
+    method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp,
+  });
+  if (answer.status !== 201) throw new Error((await answer.json()).error ?? answer.statusText);
+  viewer = answer.headers.get("Location");
+  await pc.setRemoteDescription({ type: "answer", sdp: await answer.text() });
+  video.play().catch(() => { video.muted = true; video.play(); });
+  setState("idle");
+  setStatus(`session ${session.id}: ${session.width}x${session.height} at ${session.fps} fps`);
+}
+
+function gathered(connection) {
+  if (connection.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => connection.addEventListener("icegatheringstatechange", () => {
+    if (connection.iceGatheringState === "complete") resolve();
+  }));
+}
+
+async function closeSession() {
+  speech?.close();
+  speech = null;
+  pc?.close();
+  pc = null;
+  if (state.session) fetch(`/sessions/${state.session.id}`, { method: "DELETE", keepalive: true });
+  state.session = null;
+}
+
+function setState(value) {
+  state.state = value;
+  $("state").textContent = value;
+}
+
+// Frames shown, frames/s, and the first frame of each segment (its speech-start latency).
+let waitingForFirstFrame = null; // {sentAt} of a segment whose speech_started has come
+const shown = [];
+function onFrame(now, metadata) {
+  state.presented = metadata.presentedFrames;
+  shown.push(now);
+  while (shown.length && now - shown[0] > 1000) shown.shift();
+  state.fps = shown.length;
+  $("frames").textContent = String(metadata.presentedFrames);
+  $("fps-shown").textContent = String(shown.length);
+  if (waitingForFirstFrame) {
+    const latency = metadata.presentationTime - waitingForFirstFrame.sentAt;
+    waitingForFirstFrame = null;
+    state.latencies.push(latency);
+    const sorted = [...state.latencies].sort((a, b) => a - b);
+    $("latency").textContent = `${latency.toFixed(0)} ms (median ${sorted[Math.floor(sorted.length / 2)].toFixed(0)} ms ` +
+      `over ${sorted.length})`;
+  }
+  video.requestVideoFrameCallback(onFrame);
+}
+video.requestVideoFrameCallback(onFrame);
+
+$("sound-button").addEventListener("click", () => { video.muted = false; video.play(); });
+
+// -- speaking into the session ------------------------------------------------------------------
+const segments = new Map(); // segment number (the server's) -> when its first audio was sent
+let sendingSince = null; // when the current segment's first PCM was sent
+
+function speechSocket() {
+  if (speech && speech.readyState <= WebSocket.OPEN) return Promise.resolve(speech);
+  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}` +
+    `${state.session.speech}?sample_rate=${RATE}`);
+  socket.binaryType = "arraybuffer";
+  socket.onmessage = ({ data }) => onEvent(JSON.parse(data));
+  socket.onclose = ({ code, reason }) => { if (code >= 4000) setStatus(`speech refused: ${reason}`, true); };
+  speech = socket;
+  return new Promise((resolve, reject) => {
+    socket.onopen = () => resolve(socket);
+    socket.onerror = () => reject(new Error("the speech socket did not open"));
+  });
+}
+
+function onEvent(event) {
+  state.events.push(event);
+  if (event.type === "speech_started") {
+    setState("speaking");
+    // The segments are numbered by the server in the order they were sent.
+    waitingForFirstFrame = { sentAt: segments.get(event.segment) ?? performance.now() };
+  } else if (event.type === "speech_finished") {
+    setState("idle");
+    setStatus(`segment ${event.segment}: ${event.played_seconds} s played` + (event.interrupted ? " (interrupted)" : ""));
+  } else if (event.type === "progress") {
+    $("behind").textContent = event.behind_seconds ? `${event.behind_seconds} s` : "-";
+  } else if (event.type === "error") {
+    setStatus(event.error, true);
+  }
+}
+
+function pcm16(samples) {
+  const out = new Int16Array(samples.length);
+  for (let i = 0; i < samples.length; i++) out[i] = Math.max(-1, Math.min(1, samples[i])) * 32767;
+  return out;
+}
+
+function beginSegment() {
+  state.segmentsSent += 1;
+  segments.set(state.segmentsSent, performance.now());
+}
+
+// A file: decoded and resampled by the browser, sent as fast as a TTS would (then played in real time).
+$("upload").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  try {
+    const decoded = await new AudioContext().decodeAudioData(await $("audio-file").files[0].arrayBuffer());
+    const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE);
+    const source = offline.createBufferSource();
+    source.buffer = decoded;
+    source.connect(offline.destination);
+    source.start();
+    const samples = pcm16((await offline.startRendering()).getChannelData(0));
+    const socket = await speechSocket();
+    beginSegment();
+    for (let i = 0; i < samples.length; i += RATE / 10) socket.send(samples.slice(i, i + RATE / 10).buffer);
+    socket.send(JSON.stringify({ type: "segment_end" }));
+    setStatus(`sent ${(samples.length / RATE).toFixed(1)} s of speech`);
+  } catch (error) {
+    setStatus(`could not speak the file: ${error.message}`, true);
+  }
+});
+
+// The microphone: sent as it is spoken; "Done speaking" ends the segment.
+let microphone = null;
+$("mic-button").addEventListener("click", async () => {
+  const context = new AudioContext({ sampleRate: RATE });
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
+    await context.audioWorklet.addModule("/static/pcm-worklet.js");
+    const capture = new AudioWorkletNode(context, "pcm-capture");
+    const socket = await speechSocket();
+    let blocks = [];
+    let started = false;
+    capture.port.onmessage = ({ data }) => { // 128-sample frames; sent about every 40 ms
+      blocks.push(data);
+      if (blocks.length * 128 < RATE * 0.04 || socket.readyState !== WebSocket.OPEN) return;
+      const samples = new Float32Array(blocks.reduce((n, b) => n + b.length, 0));
+      let k = 0;
+      for (const block of blocks) { samples.set(block, k); k += block.length; }
+      blocks = [];
+      if (!started) { beginSegment(); started = true; }
+      socket.send(pcm16(samples).buffer);
+    };
+    context.createMediaStreamSource(stream).connect(capture);
+    microphone = { context, stream, socket };
+    $("mic-button").disabled = true;
+    $("stop-button").disabled = false;
+    setStatus("listening... (the avatar speaks what you say)");
+  } catch (error) {
+    context.close();
+    setStatus(`no microphone: ${error.message}`, true);
+  }
+});
+
+$("stop-button").addEventListener("click", () => {
+  if (!microphone) return;
+  microphone.stream.getTracks().forEach((track) => track.stop());
+  microphone.context.close();
+  if (microphone.socket.readyState === WebSocket.OPEN) microphone.socket.send(JSON.stringify({ type: "segment_end" }));
+  microphone = null;
+  $("mic-button").disabled = false;
+  $("stop-button").disabled = true;
+});
+
+$("interrupt-button").addEventListener("click", async () => {
+  (await speechSocket()).send(JSON.stringify({ type: "interrupt" }));
+});
+
+// -- avatars ----------------------------------------------------------------------------------
 async function loadAvatars(select) {
   const answer = await (await fetch("/avatars")).json();
   const list = $("avatar");
-  list.replaceChildren(...answer.avatars.filter((a) => (a.status ?? "ready") === "ready").map((a) => {
-    const option = new Option(`${a.id} (${a.width}x${a.height}, ${a.frames} frame${a.frames === 1 ? "" : "s"})`, a.id);
-    option.dataset.width = a.width;
-    return option;
-  }));
+  list.replaceChildren(...answer.avatars.filter((a) => (a.status ?? "ready") === "ready").map((a) =>
+    new Option(`${a.id} (${a.width}x${a.height}, ${a.frames} frame${a.frames === 1 ? "" : "s"})`, a.id)));
   list.value = select ?? answer.default;
   if (!list.value && list.options.length) list.selectedIndex = 0;
 }
@@ -42,6 +225,9 @@ async function showInfo() {
   const info = await (await fetch("/info")).json();
   $("synthetic").hidden = info.synthetic_weights !== true;
 }
+
+$("avatar").addEventListener("change", () => openSession().catch((e) => setStatus(e.message, true)));
+$("fps").addEventListener("change", () => openSession().catch((e) => setStatus(e.message, true)));
 
 $("prepare").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -56,7 +242,7 @@ $("prepare").addEventListener("submit", async (event) => {
   try {
     let answer = await fetch("/avatars", { method: "POST", body: form });
     let body = await answer.json();
-    while (answer.status === 202 || body.status === "preparing") { // a job: follow its progress
+    while (answer.status === 202 || body.status === "preparing" || body.status === "queued") { // a job
       if (body.frames_total) { bar.max = body.frames_total; bar.value = body.frames_done ?? 0; }
       status.textContent = `preparing: ${body.frames_done ?? 0} of ${body.frames_total ?? "?"} frames`;
       await new Promise((resolve) => setTimeout(resolve, 500));
@@ -66,6 +252,7 @@ $("prepare").addEventListener("submit", async (event) => {
     if (!answer.ok || body.status === "failed") throw new Error(body.error ?? body.reason ?? answer.statusText);
     status.textContent = `avatar "${id}" is ready` + (body.faceless_frames ? ` (${body.faceless_frames} frames without a face are shown as they are)` : "");
     await loadAvatars(id);
+    await openSession();
   } catch (error) {
     status.textContent = `could not prepare the avatar: ${error.message}`;
     status.classList.add("error");
@@ -74,197 +261,7 @@ $("prepare").addEventListener("submit", async (event) => {
   }
 });
 
-// -- playing fragmented MP4 ------------------------------------------------------------------
-// Splits the byte stream into top-level boxes: media boxes go to the SourceBuffer, the
-// `free` box starting "musetalk:" is the stream's trailer (its final status).
-class Mp4Player {
-  constructor(onTrailer) {
-    this.tail = Promise.resolve(); // pushes run one after the other, in arrival order
-    this.pending = new Uint8Array(0);
-    this.queue = [];
-    this.chunks = [];
-    this.onTrailer = onTrailer;
-    this.source = new MediaSource();
-    this.ready = new Promise((resolve) => this.source.addEventListener("sourceopen", resolve, { once: true }));
-    video.src = URL.createObjectURL(this.source);
-  }
-
-  push(bytes) {
-    this.tail = this.tail.then(() => this.split(bytes));
-    return this.tail;
-  }
-
-  async split(bytes) {
-    this.chunks.push(bytes);
-    state.bytes += bytes.length;
-    const data = new Uint8Array(this.pending.length + bytes.length);
-    data.set(this.pending);
-    data.set(bytes, this.pending.length);
-    let offset = 0;
-    while (data.length - offset >= 8) {
-      const view = new DataView(data.buffer, data.byteOffset + offset);
-      const size = view.getUint32(0);
-      const type = String.fromCharCode(...data.subarray(offset + 4, offset + 8));
-      if (size < 8 || data.length - offset < size) break;
-      const box = data.subarray(offset, offset + size);
-      offset += size;
-      const text = type === "free" ? new TextDecoder().decode(box.subarray(8)) : "";
-      if (text.startsWith("musetalk:")) this.onTrailer(JSON.parse(text.slice(9)));
-      else await this.append(box, type);
-    }
-    this.pending = data.slice(offset);
-  }
-
-  async append(box, type) {
-    if (!this.buffer) {
-      if (type !== "ftyp" && type !== "moov") return;
-      this.head = [...(this.head ?? []), box];
-      if (type !== "moov") return;
-      await this.ready;
-      this.buffer = this.source.addSourceBuffer(`video/mp4; codecs="${codecsOf(box)}, mp4a.40.2"`);
-      this.buffer.mode = "segments";
-      this.buffer.addEventListener("updateend", () => this.drain());
-      for (const part of this.head) this.queue.push(part);
-    } else {
-      this.queue.push(box);
-      if (type === "moof" && state.firstFrameAt === null) {
-        state.firstFrameAt = performance.now();
-        $("ttff").textContent = seconds(state.firstFrameAt - state.started);
-      }
-    }
-    this.drain();
-  }
-
-  drain() {
-    if (!this.buffer || this.buffer.updating || !this.queue.length) return;
-    this.buffer.appendBuffer(this.queue.shift());
-    if (video.paused && state.firstFrameAt !== null) video.play().catch(() => { video.muted = true; video.play(); });
-  }
-
-  async end() {
-    await this.tail;
-    while (this.queue.length || this.buffer?.updating) await new Promise((resolve) => setTimeout(resolve, 20));
-    if (this.source.readyState === "open") this.source.endOfStream();
-    const link = $("download");
-    link.href = URL.createObjectURL(new Blob(this.chunks, { type: "video/mp4" }));
-    link.hidden = false;
-  }
-}
-
-// avc1.PPCCLL from the avcC box inside the init segment's moov.
-function codecsOf(moov) {
-  for (let i = 4; i + 8 < moov.length; i++) {
-    if (moov[i] === 0x61 && moov[i + 1] === 0x76 && moov[i + 2] === 0x63 && moov[i + 3] === 0x43) { // "avcC"
-      return "avc1." + [moov[i + 5], moov[i + 6], moov[i + 7]].map((b) => b.toString(16).padStart(2, "0")).join("");
-    }
-  }
-  return "avc1.64001f";
-}
-
-video.addEventListener("playing", () => { if (state.playingAt === null) state.playingAt = performance.now(); });
-
-function finish(status) {
-  state.doneAt = performance.now();
-  state.frames = status.frames;
-  $("frames").textContent = String(status.frames);
-  const elapsed = (state.doneAt - state.started) / 1000;
-  $("fps-out").textContent = (status.frames / elapsed).toFixed(1);
-  if (status.status === "error" || status.type === "error") {
-    state.error = status.error;
-    setStatus(`stopped: ${status.error}`, true);
-  } else {
-    setStatus(`done: ${status.frames} frames in ${elapsed.toFixed(2)} s`);
-  }
-}
-
-// -- speech from a file: POST /onnx-infer with stream=true -------------------------------------
-$("upload").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  resetRun("file");
-  const form = new FormData();
-  form.append("audio_file", $("audio-file").files[0]);
-  form.append("avatar_id", $("avatar").value);
-  form.append("fps", $("fps").value);
-  form.append("stream", "true");
-  let trailer = null;
-  const player = new Mp4Player((status) => { trailer = status; });
-  try {
-    const answer = await fetch("/onnx-infer", { method: "POST", body: form });
-    if (!answer.ok) throw new Error((await answer.json()).error ?? answer.statusText);
-    const reader = answer.body.getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      await player.push(value);
-      $("frames").textContent = `${Math.round(state.bytes / 1024)} kB so far`;
-    }
-    await player.end();
-    finish(trailer ?? { status: "error", error: "the stream was cut short", frames: 0 });
-  } catch (error) {
-    finish({ status: "error", error: error.message, frames: 0 });
-  }
-});
-
-// -- speech from the microphone: WebSocket /ws/live ---------------------------------------------
-let live = null;
-
-$("mic-button").addEventListener("click", async () => {
-  resetRun("live");
-  const context = new AudioContext({ sampleRate: 16000 });
-  try {
-    const microphone = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
-    await context.audioWorklet.addModule("/static/pcm-worklet.js");
-    const capture = new AudioWorkletNode(context, "pcm-capture");
-    const params = new URLSearchParams({ avatar_id: $("avatar").value, fps: $("fps").value, sample_rate: String(context.sampleRate) });
-    const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/live?${params}`);
-    socket.binaryType = "arraybuffer";
-    const player = new Mp4Player(() => {});
-    video.muted = true; // the speaker hears themself otherwise
-    let samples = [];
-    capture.port.onmessage = ({ data }) => { // 128-sample frames; send about every 40 ms
-      samples.push(data);
-      if (samples.length * 128 < context.sampleRate * 0.04 || socket.readyState !== WebSocket.OPEN) return;
-      const pcm = new Int16Array(samples.reduce((n, s) => n + s.length, 0));
-      let k = 0;
-      for (const block of samples) for (const x of block) pcm[k++] = Math.max(-1, Math.min(1, x)) * 32767;
-      samples = [];
-      socket.send(pcm.buffer);
-    };
-    socket.onmessage = async ({ data }) => {
-      if (typeof data !== "string") return player.push(new Uint8Array(data));
-      const message = JSON.parse(data);
-      if (message.type === "progress") {
-        state.latency = message.latency_ms;
-        $("frames").textContent = String(message.frames);
-        $("latency").textContent = message.latency_ms.p50 === undefined ? "-" :
-          `p50 ${message.latency_ms.p50} ms, p95 ${message.latency_ms.p95} ms; lag ${message.lag_seconds} s`;
-      } else if (message.type === "done" || message.type === "error") {
-        await player.end();
-        finish(message);
-      }
-    };
-    socket.onclose = () => stopMicrophone();
-    context.createMediaStreamSource(microphone).connect(capture);
-    live = { context, microphone, socket };
-    $("mic-button").disabled = true;
-    $("stop-button").disabled = false;
-  } catch (error) {
-    context.close();
-    finish({ status: "error", error: error.message, frames: 0 });
-  }
-});
-
-function stopMicrophone() {
-  if (!live) return;
-  live.microphone.getTracks().forEach((track) => track.stop());
-  live.context.close();
-  if (live.socket.readyState === WebSocket.OPEN) live.socket.send(JSON.stringify({ type: "end" }));
-  live = null;
-  $("mic-button").disabled = false;
-  $("stop-button").disabled = true;
-  setStatus("finishing the last frames...");
-}
-
-$("stop-button").addEventListener("click", stopMicrophone);
+window.addEventListener("pagehide", closeSession);
 
 await Promise.all([loadAvatars(), showInfo()]);
+openSession().catch((error) => { setState("no session"); setStatus(error.message, true); });

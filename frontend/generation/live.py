@@ -20,17 +20,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from contract import specs
 from frontend import memory, metrics
-from frontend.avatars import Avatar
-from frontend.live_features import IncrementalFeatures
-from frontend.pipeline import InFlight, Report
-from frontend.video import FragmentedMp4Writer
+from frontend.avatars.store import Avatar
+from frontend.generation.core import Composer, Report, Utterance, write_frames
+from frontend.speech.pcm import EMPTY, Pcm16, Resampler
+from frontend.video.writers import FragmentedMp4Writer
 
 log = logging.getLogger("musetalk.frontend")
 
@@ -95,24 +94,18 @@ class LiveSession:
 
     def __init__(self, avatar: Avatar, fps: int, sample_rate: int, client, send: Callable[[bytes | dict], None],
                  options: LiveOptions = LiveOptions()):
-        import soxr
-
-        self.avatar, self.fps, self.client, self.send, self.options = avatar, fps, client, send, options
-        self.resampler = soxr.ResampleStream(sample_rate, specs.SAMPLE_RATE, 1, dtype="float32", quality="HQ") \
-            if sample_rate != specs.SAMPLE_RATE else None
+        self.fps, self.send, self.options = fps, send, options
+        self.pcm, self.to_16k = Pcm16(), Resampler(sample_rate, specs.SAMPLE_RATE)
         self.inbox: queue.Queue = queue.Queue()
-        self.features = IncrementalFeatures(fps)
         self.report = Report(frames=0, fps=fps, audio_seconds=0.0)
-        self.flight = InFlight(avatar, client, self.report)
+        self.utterance = Utterance(avatar, client, fps, self.report, options.batch_size, options.in_flight)
+        self.composer = Composer(avatar, self.report)
         self.latencies = Latencies(fps)
         width, height = avatar.size
         self.writer = FragmentedMp4Writer(width, height, fps, specs.SAMPLE_RATE, options.preset)
         self.codecs = self.writer.codecs
-        self.waiting: deque[tuple[int, np.ndarray]] = deque()  # released windows not yet submitted
-        self.encoding: tuple[tuple[int, int], Future] | None = None  # the audio_encoder run in flight
         self.sent = 0  # frames sent
         self.started = time.perf_counter()
-        self._odd_byte = b""
         self._last_progress = 0.0
         self.finished = threading.Event()
 
@@ -129,7 +122,7 @@ class LiveSession:
     @property
     def lag_s(self) -> float:
         """How far the video sent trails the audio received, in seconds."""
-        return max(0.0, self.features.seconds - self.sent / self.fps)
+        return max(0.0, self.utterance.seconds - self.sent / self.fps)
 
     # -- the session's thread -------------------------------------------------------------
     def run(self) -> None:
@@ -137,23 +130,20 @@ class LiveSession:
             while not self._step():
                 pass
         finally:
-            self.flight.cancel()
-            if self.encoding:
-                self.encoding[1].cancel()
+            self.utterance.cancel()
+            self.composer.close()
             self.writer.close()
             memory.release()
             self.finished.set()
 
     def _step(self) -> bool:
         """One turn of the loop; True when the session is over."""
-        busy = self._read_inbox(timeout=0.005 if (self.flight or self.encoding or self.waiting) else 0.05)
-        if busy is CANCEL:
+        if self._read_inbox(timeout=0.005 if self.utterance.busy else 0.05) is CANCEL:
             return True
-        self._encode_audio()
-        self._submit_frames()
+        self.utterance.step()
         self._send_ready_frames()
         self._progress()
-        if self.features.done and not self.waiting and not self.flight and not self.encoding:
+        if self.utterance.done:
             self._finish()
             return True
         return False
@@ -167,96 +157,49 @@ class LiveSession:
             if item is CANCEL:
                 return CANCEL
             if item is END:
-                self._take_samples(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-                                   if self.resampler else np.zeros(0, np.float32), time.perf_counter())
-                self.features.end()
+                self._take_samples(self.to_16k(EMPTY, last=True), time.perf_counter())
+                self.utterance.end()
             else:
                 when, pcm16 = item
-                self._take_pcm(pcm16, when)
+                self._take_samples(self.to_16k(self.pcm(pcm16)), when)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return True
 
-    def _take_pcm(self, pcm16: bytes, when: float) -> None:
-        data = self._odd_byte + pcm16
-        self._odd_byte = data[len(data) // 2 * 2 :]
-        samples = np.frombuffer(data[: len(data) // 2 * 2], "<i2").astype(np.float32) / 32768.0
-        if self.resampler:
-            samples = self.resampler.resample_chunk(samples)
-        self._take_samples(samples, when)
-
     def _take_samples(self, samples: np.ndarray, when: float) -> None:
-        if self.features.ended:
+        if self.utterance.features.ended:
             return
-        if self.features.seconds + len(samples) / specs.SAMPLE_RATE > self.options.max_seconds:
+        if self.utterance.seconds + len(samples) / specs.SAMPLE_RATE > self.options.max_seconds:
             raise LiveTooLong(f"a live session takes at most {self.options.max_seconds:g} s of speech")
-        self.features.add(samples)
+        self.utterance.add(samples)
         self.writer.add_audio(samples)
-        self.latencies.arrived(self.features.received, when)
-
-    def _encode_audio(self) -> None:
-        """Start an audio_encoder run when it would release frames and generation needs them;
-        take its steps when it is back."""
-        if self.encoding and self.encoding[1].done():
-            covers, future = self.encoding
-            self.encoding = None
-            started = time.perf_counter()
-            self.features.accept(covers, future.result())
-            first, windows = self.features.windows()
-            if len(windows):
-                self.waiting.append((first, windows))
-            self.report.audio_features += time.perf_counter() - started
-        # Run only when generation is about to run out of frames: a generator that keeps
-        # up gets a run every hop; a slow one gets fewer runs, each releasing more frames
-        # (bigger batches), so the encoder never takes the CPU the frames need.
-        pending = sum(len(w) for _, w in self.waiting) + self.flight.frames
-        if self.encoding is None and pending < self.options.batch_size and self.features.due():
-            covers, mel = self.features.run_input()
-            self.encoding = (covers, self.client.submit(self.client.audio_encoder, mel))
-        if self.features.ended and self.encoding is None and not self.features.due():
-            first, windows = self.features.windows()  # the frames after the last steps
-            if len(windows):
-                self.waiting.append((first, windows))
-
-    def _submit_frames(self) -> None:
-        while self.waiting and len(self.flight) < self.options.in_flight:
-            first, windows = self.waiting.popleft()
-            take = windows[: self.options.batch_size]
-            if len(take) < len(windows):
-                self.waiting.appendleft((first + len(take), windows[len(take) :]))
-            self.flight.submit(first, take)
+        self.latencies.arrived(self.utterance.features.received, when)
 
     def _send_ready_frames(self) -> None:
-        while self.flight.head_done():
-            first, frames = self.flight.next()
-            started = time.perf_counter()
-            for frame in frames:
-                self.writer.write(frame)
-            chunk = self.writer.flush()
-            self.report.encoding += time.perf_counter() - started
-            self.send(chunk)
+        while self.utterance.ready():
+            indices, faces = self.utterance.next()
+            frames = [self.composer.frame(i, face) for i, face in zip(indices, faces)]
+            self.send(write_frames(self.writer, frames, self.report, self.started))
             now = time.perf_counter()
-            for k in range(len(frames)):
-                self.latencies.sent(first + k, now)
+            for i in indices:
+                self.latencies.sent(i, now)
             self.sent += len(frames)
-            if not self.report.first_frame:
-                self.report.first_frame = now - self.started
 
     def _progress(self, force: bool = False) -> None:
         now = time.perf_counter()
         if not force and now - self._last_progress < PROGRESS_EVERY_S:
             return
         self._last_progress = now
-        self.send({"type": "progress", "frames": self.sent, "audio_seconds": round(self.features.seconds, 3),
+        self.send({"type": "progress", "frames": self.sent, "audio_seconds": round(self.utterance.seconds, 3),
                    "lag_seconds": round(self.lag_s, 3), "latency_ms": self.latencies.summary(),
-                   "encoder_runs": self.features.runs})
+                   "encoder_runs": self.utterance.features.runs})
 
     def _finish(self) -> None:
         self.send(self.writer.finish({"status": "done", "frames": self.sent}))
-        self.report.frames, self.report.audio_seconds = self.sent, round(self.features.seconds, 3)
+        self.report.frames, self.report.audio_seconds = self.sent, round(self.utterance.seconds, 3)
         self.report.total = time.perf_counter() - self.started
         metrics.observe_generation(self.report, "live")
-        self.send({"type": "done", "frames": self.sent, "audio_seconds": round(self.features.seconds, 3),
-                   "latency_ms": self.latencies.summary(), "encoder_runs": self.features.runs,
+        self.send({"type": "done", "frames": self.sent, "audio_seconds": round(self.utterance.seconds, 3),
+                   "latency_ms": self.latencies.summary(), "encoder_runs": self.utterance.features.runs,
                    "timings": self.report.as_dict()})

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from frontend import memory, metrics
-from frontend.avatars import AvatarExists, AvatarStore
+from frontend.avatars.store import AvatarExists, AvatarStore
 
 log = logging.getLogger("musetalk.frontend")
 

@@ -2,7 +2,7 @@
 
 Two passes over the upload, one frame at a time (never all frames at once):
 
-1. Faces: 68 landmarks per frame (frontend/faces.py: small faces too). Frames
+1. Faces: 68 landmarks per frame (frontend/avatars/faces.py: small faces too). Frames
    where none is found in a short gap (at most MAX_GAP frames) between two found
    faces get landmarks interpolated between them: a blink or a motion blur that
    hid the face for a frame keeps the lips moving. Longer gaps keep the original
@@ -10,7 +10,7 @@ Two passes over the upload, one frame at a time (never all frames at once):
    Only when most frames have no face is the video refused, naming them.
 2. Material: upstream's face box, the 256x256 crop (Lanczos) sent to Triton's
    vae_encoder in batches while the next frames are read, the blend mask, and
-   the frame itself into the avatar's H.264 frames file (frontend/frames.py).
+   the frame itself into the avatar's H.264 frames file (frontend/avatars/frames.py).
 
 Progress is reported per frame; `cancelled()` is asked as often, so a
 preparation stops within a frame of being cancelled.
@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 
 from contract import specs
-from frontend.avatars import FORMAT, AvatarError, save_material
-from frontend.blending import blend_mask
-from frontend.faces import FaceBox, LandmarkFinder, face_box
-from frontend.frames import FramesWriter
-from frontend.media import Media
+from frontend.avatars.blending import blend_mask
+from frontend.avatars.faces import FaceBox, LandmarkFinder, face_box
+from frontend.avatars.frames import FramesWriter
+from frontend.avatars.media import Media
+from frontend.avatars.store import FORMAT, AvatarError, save_material
 
 MAX_GAP = 2  # frames without a face between two with one that get interpolated landmarks
 ENCODE_BATCH = 16  # crops per vae_encoder request (its max batch)

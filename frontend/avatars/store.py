@@ -1,10 +1,10 @@
-"""Avatars: prepared once (frontend/preparation.py), stored on disk, reused by every request.
+"""Avatars: prepared once (frontend/avatars/preparation.py), stored on disk, reused by every request.
 
 One folder per avatar in the store (MUSETALK_AVATAR_DIR), which may be a volume
 shared by several front ends:
 
     <id>/meta.json     what it is (size, frames, faces...)
-    <id>/frames.mp4    its frames, H.264 (frontend/frames.py): read as videos are composed
+    <id>/frames.mp4    its frames, H.264 (frontend/avatars/frames.py): read as videos are composed
     <id>/latents.npy   vae_encoder latents per frame [n, 8, 32, 32] (zeros where no face)
     <id>/boxes.npy     face box per frame [n, 4] (-1 where no face)
     <id>/masks.npz     blend mask per frame with a face
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from frontend.blending import Compositor
-from frontend.faces import FaceBox
-from frontend.frames import CycleReader
+from frontend.avatars.blending import Compositor
+from frontend.avatars.faces import FaceBox
+from frontend.avatars.frames import CycleReader
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 FORMAT = 2  # 1: raw frames.npy (before 0.2), upgraded when first loaded; 2: frames.mp4
@@ -118,7 +118,7 @@ def load_folder(avatar_id: str, folder: Path) -> Avatar:
 def upgrade_format_1(avatar_id: str, folder: Path) -> None:
     """Rewrite an avatar of format 1 (raw frames.npy, up to 1.5 GB for 10 s of 1080p) as format 2,
     then swap it into place: the same frames, boxes, latents and masks."""
-    from frontend.frames import FramesWriter
+    from frontend.avatars.frames import FramesWriter
 
     meta = json.loads((folder / "meta.json").read_text())
     staging = folder.parent / f".upgrade-{avatar_id}-{uuid.uuid4().hex[:8]}"

@@ -165,27 +165,37 @@ def frame_count(seconds: float, fps: int) -> int:
     return math.floor(seconds * fps)
 
 
-def frame_windows(hidden_states: np.ndarray, seconds: float, fps: int) -> np.ndarray:
-    """Per-frame audio windows [frames, 50, 384] from the encoder's [S, 1500, 5, 384].
+class FrameWindows:
+    """Per-frame audio windows [frames, 50, 384] from the encoder's [S, 1500, 5, 384], made
+    only for the frames asked for (`windows[start:stop]`): every frame's window at once
+    would cost 550 MB for 120 s at 60 fps.
 
     Upstream's get_whisper_chunk: trim to floor(seconds * 50) steps, zero-pad by
     ceil(50/fps) * 2 steps on the left and ceil(50/fps) * 3 * 2 on the right,
     then frame i takes 10 steps from floor(i * 50/fps), time-major then layer.
     """
-    steps = hidden_states.reshape(-1, specs.WHISPER_LAYERS, specs.WHISPER_DIM)
-    steps = steps[: math.floor(seconds * specs.AUDIO_STEPS_PER_SECOND)]
-    multiplier = specs.AUDIO_STEPS_PER_SECOND / fps
-    pad = math.ceil(multiplier)
-    starts = np.floor(np.arange(frame_count(seconds, fps)) * multiplier).astype(int)
-    left = pad * PAD_LEFT
-    # Upstream's right padding runs short above 50 fps (it exits there); pad
-    # just enough more that the last window fits, which changes nothing below.
-    needed = (starts[-1] + specs.CHUNK_STEPS if len(starts) else 0) - left - len(steps)
-    right = max(pad * 3 * PAD_RIGHT, needed)
-    padded = np.concatenate([
-        np.zeros((left, *steps.shape[1:]), steps.dtype),
-        steps,
-        np.zeros((right, *steps.shape[1:]), steps.dtype),
-    ])
-    index = starts[:, None] + np.arange(specs.CHUNK_STEPS)[None, :]
-    return padded[index].reshape(len(starts), specs.CHUNK_TOKENS, specs.WHISPER_DIM)
+
+    def __init__(self, hidden_states: np.ndarray, seconds: float, fps: int):
+        steps = hidden_states.reshape(-1, specs.WHISPER_LAYERS, specs.WHISPER_DIM)
+        self.steps = steps[: math.floor(seconds * specs.AUDIO_STEPS_PER_SECOND)]
+        self.multiplier = specs.AUDIO_STEPS_PER_SECOND / fps
+        self.count = frame_count(seconds, fps)
+        self.left = math.ceil(self.multiplier) * PAD_LEFT
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, frames: slice) -> np.ndarray:
+        # Upstream's right padding runs short above 50 fps (it exits there); the zeros past
+        # the end here reach as far as the last window needs, which changes nothing below.
+        starts = np.floor(np.arange(self.count)[frames] * self.multiplier).astype(int) - self.left
+        index = starts[:, None] + np.arange(specs.CHUNK_STEPS)[None, :]
+        inside = (index >= 0) & (index < len(self.steps))
+        out = np.zeros((*index.shape, specs.WHISPER_LAYERS, specs.WHISPER_DIM), self.steps.dtype)
+        out[inside] = self.steps[index[inside]]
+        return out.reshape(len(starts), specs.CHUNK_TOKENS, specs.WHISPER_DIM)
+
+
+def frame_windows(hidden_states: np.ndarray, seconds: float, fps: int) -> np.ndarray:
+    """Every frame's audio window at once [frames, 50, 384] (see FrameWindows)."""
+    return FrameWindows(hidden_states, seconds, fps)[:]

@@ -1,6 +1,6 @@
 """Per-frame audio windows from speech that is still arriving.
 
-The whole-clip path (frontend/audio.py) runs whisper's encoder once per 30 s
+The whole-clip path (frontend/speech/audio.py) runs whisper's encoder once per 30 s
 segment on the finished audio. Live, the audio of a segment grows while we
 listen, so the encoder runs again on the segment as it grows:
 
@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 from contract import specs
-from frontend import audio
+from frontend.speech import audio
 
 SEGMENT = audio.SEGMENT_SAMPLES
 STEP = specs.SAMPLE_RATE // specs.AUDIO_STEPS_PER_SECOND  # 320 samples per encoder step

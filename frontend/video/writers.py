@@ -2,7 +2,7 @@
 
 Two writers share the encoders' settings: `Mp4Writer` makes a whole mp4 in
 memory (the non-streamed answer), `FragmentedMp4Writer` hands out fragmented
-MP4 as frames come (streamed answers and live sessions; frontend/fmp4.py).
+MP4 as frames come (streamed answers and live sessions; frontend/video/fmp4.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from frontend import fmp4
+from frontend.video import fmp4
 
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 AAC_PRIMING = 1024  # samples FFmpeg's AAC encoder emits before the first input sample
@@ -82,6 +82,9 @@ class Mp4Writer:
         self.container.mux(self.video.encode(i420_frame(frame_i420, self.frames)))
         self.frames += 1
 
+    def flush(self) -> None:
+        """Nothing to hand out before `finish` (a whole mp4 is written at the end)."""
+
     def finish(self) -> bytes:
         """Flush the encoder and return the mp4's bytes."""
         self.container.mux(self.video.encode(None))
@@ -107,7 +110,7 @@ class Mp4Writer:
 class FragmentedMp4Writer:
     """H.264 + AAC as fragmented MP4, handed out while it is made: the init segment
     with the first fragment, then one fragment per `flush()`, and a trailer box with
-    the final status (frontend/fmp4.py says why the boxes are written here).
+    the final status (frontend/video/fmp4.py says why the boxes are written here).
 
     Audio is given with `add_audio` whenever it arrives; each fragment carries the
     audio up to the video written so far (plus one AAC frame, so playback never

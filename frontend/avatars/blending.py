@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from frontend.faces import FaceBox
+from frontend.avatars.faces import FaceBox
 
 EXPAND = 1.5  # crop box side = 1.5 x the face box's larger side
 UPPER_BOUNDARY_RATIO = 0.5  # the mask keeps the crop's lower half: below the nose
@@ -48,9 +48,9 @@ def blend_mask(landmarks: np.ndarray, box: FaceBox) -> np.ndarray:
     return np.ascontiguousarray(mask[fy1 : fy1 + box.height, fx1 : fx1 + box.width])
 
 
-def blend_into(region: np.ndarray, face: np.ndarray, mask: np.ndarray) -> None:
-    """region = face * mask + region * (1 - mask), with `mask` uint8 (255 = all face)."""
-    weight = mask.astype(np.float32) * (1 / 255)
+def blend_into(region: np.ndarray, face: np.ndarray, mask: np.ndarray, strength: float = 1.0) -> None:
+    """region = face * w + region * (1 - w), w = mask * strength, with `mask` uint8 (255 = all face)."""
+    weight = mask.astype(np.float32) * (strength / 255)
     region[:] = cv2.blendLinear(face, region, weight, 1 - weight)
 
 
@@ -79,7 +79,7 @@ def _patch(planes, y1: int, y2: int, x1: int, x2: int) -> np.ndarray:
 class Compositor:
     """Blends generated faces into an avatar's frames, in I420 (the video encoder's input).
 
-    Frames arrive already in I420 (decoded from the avatar's H.264, frontend/frames.py).
+    Frames arrive already in I420 (decoded from the avatar's H.264, frontend/avatars/frames.py).
     Per generated frame only the face box's rows that the mask keeps (widened to even
     coordinates, so chroma samples stay whole) go to BGR, are blended, and come back:
     no full-frame colour conversion. OpenCV's I420 is BT.601 limited range, as FFmpeg's
@@ -91,8 +91,9 @@ class Compositor:
         self.height, self.width = height, width
         self._top: dict[int, int] = {}
 
-    def compose(self, index: int, frame_i420: np.ndarray, face: np.ndarray) -> np.ndarray:
-        """`frame_i420` (avatar frame `index`, modified in place) with the generated 256x256 `face`."""
+    def compose(self, index: int, frame_i420: np.ndarray, face: np.ndarray, strength: float = 1.0) -> np.ndarray:
+        """`frame_i420` (avatar frame `index`, modified in place) with the generated 256x256 `face`
+        blended in; `strength` < 1 fades it (the transitions to and from the avatar's own face)."""
         box, mask = self.boxes[index], self.masks[index]
         if box is None:
             return frame_i420  # no face found in this frame: it stays as it was
@@ -105,7 +106,7 @@ class Compositor:
         planes = i420_planes(frame_i420, self.height, self.width)
         patch = cv2.cvtColor(_patch(planes, py1, py2, px1, px2), cv2.COLOR_YUV2BGR_I420)
         resized = cv2.resize(face, (box.width, box.height))  # bilinear, as upstream
-        blend_into(patch[y1 - py1 : box.y2 - py1, x1 - px1 : box.x2 - px1], resized[top:], mask[top:])
+        blend_into(patch[y1 - py1 : box.y2 - py1, x1 - px1 : box.x2 - px1], resized[top:], mask[top:], strength)
         blended = i420_planes(cv2.cvtColor(patch, cv2.COLOR_BGR2YUV_I420), py2 - py1, px2 - px1)
         planes[0][py1:py2, px1:px2] = blended[0]
         for plane, source in zip(planes[1:], blended[1:]):

@@ -1,0 +1,181 @@
+"""Conversational sessions: an avatar always on screen, watched over WebRTC (WHEP), speaking
+the speech a voice agent sends it, segment by segment, interrupted at once.
+
+    POST   /sessions                       JSON {avatar_id, fps, ...} -> 201 {id, whep, speech, ...}
+    GET    /sessions, /sessions/{id}       state, frames sent, latency figures, Triton calls
+    DELETE /sessions/{id}                  ends it (viewers disconnected, Triton requests cancelled)
+    POST   /sessions/{id}/whep             an SDP offer (application/sdp) -> 201, the SDP answer, Location
+    DELETE /sessions/{id}/whep/{viewer}    that viewer leaves
+    WebSocket /sessions/{id}/speech?sample_rate=16000
+        client -> server: binary 16-bit little-endian mono PCM, at any pace (a TTS sends faster than
+                          real time: it is queued and played in real time); {"type": "segment_end"}
+                          ends a segment (an utterance); {"type": "interrupt"} is barge-in
+        server -> client: {"type": "speech_started", "segment"} when its first frame leaves;
+                          {"type": "speech_finished", "segment", "played_seconds", "interrupted"};
+                          {"type": "progress", "segment", "played_seconds", "queued_seconds",
+                          "behind_seconds"} twice a second while speech plays
+        errors:           {"type": "error", "error", "status"} and close code 4000 + status
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from frontend.errors import UnsupportedMediaType, refuse_websocket
+from frontend.generation.live import LiveError
+from frontend.services import Services, services
+from frontend.sessions.session import Session
+from frontend.sessions.viewers import OfferError
+
+router = APIRouter(prefix="/sessions", tags=["sessions"])
+MAX_OFFER_BYTES = 64 * 1024
+MAX_PCM_MESSAGE = 1 << 20  # 1 MiB of PCM per message (33 s at 16 kHz): bigger is a mistake
+
+
+class NewSession(BaseModel):
+    avatar_id: str | None = Field(None, description="a prepared avatar (default: the configured one)")
+    fps: int = Field(25, ge=1, le=60)
+    transition_frames: int | None = Field(None, ge=0, le=25, description="fade length between the avatar's "
+                                          "own face and speech (default: MUSETALK_SESSION_TRANSITION_FRAMES)")
+    silence_dbfs: float | None = Field(None, le=0, description="frames whose audio window is quieter show the "
+                                       "avatar's own face (default: MUSETALK_SESSION_SILENCE_DBFS; "
+                                       "null: generate every speech frame)")
+
+
+def describe(session: Session) -> dict:
+    return {**session.status(), "whep": f"/sessions/{session.id}/whep", "speech": f"/sessions/{session.id}/speech"}
+
+
+@router.post("", status_code=201)
+def create_session(request: NewSession, s: Services = Depends(services)):
+    """Open a session: the avatar is on screen (idle) from now on, for whoever watches it
+    (`whep`), speaking whatever `speech` receives. It ends by DELETE, or after
+    MUSETALK_SESSION_IDLE_SECONDS without a viewer and without speech."""
+    avatar = s.avatar(request.avatar_id)
+    chosen = request.model_dump(include=request.model_fields_set & {"transition_frames", "silence_dbfs"})
+    session = s.sessions.create(avatar, s.session_options(request.fps, **chosen))
+    body = {**describe(session), "ice_servers": s.settings.ice_servers, "synthetic_weights": s.synthetic_weights()}
+    return JSONResponse(body, status_code=201, headers={"Location": f"/sessions/{session.id}"})
+
+
+@router.get("")
+def list_sessions(s: Services = Depends(services)):
+    """The sessions of this replica."""
+    return {"sessions": [describe(session) for session in s.sessions.all()]}
+
+
+@router.get("/{session_id}")
+def get_session(session_id: str, s: Services = Depends(services)):
+    return describe(s.sessions.get(session_id))
+
+
+@router.delete("/{session_id}")
+async def delete_session(session_id: str, s: Services = Depends(services)):
+    await s.sessions.end(session_id)
+    return {"deleted": session_id}
+
+
+@router.post("/{session_id}/whep", status_code=201, response_class=Response,
+             responses={201: {"content": {"application/sdp": {}}, "description": "the SDP answer"}})
+async def watch(session_id: str, request: Request, s: Services = Depends(services)):
+    """WHEP: POST an SDP offer (`application/sdp`, non-trickle: every candidate in it), get the
+    SDP answer; `Location` is the viewer, whose DELETE ends it."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/sdp":
+        raise UnsupportedMediaType(f"a WHEP offer is application/sdp, not {kind or 'no Content-Type'}")
+    offer = await request.body()
+    if len(offer) > MAX_OFFER_BYTES:
+        raise OfferError(f"the SDP offer is over {MAX_OFFER_BYTES // 1024} kB")
+    viewer = await s.sessions.watch(session_id, offer.decode("utf-8", "replace"))
+    links = [f'<{url}>; rel="ice-server"' for server in s.settings.ice_servers
+             for url in ([server["urls"]] if isinstance(server["urls"], str) else server["urls"])]
+    headers = {"Location": f"/sessions/{session_id}/whep/{viewer.id}", **({"Link": ", ".join(links)} if links else {})}
+    return Response(viewer.pc.localDescription.sdp, status_code=201, media_type="application/sdp", headers=headers)
+
+
+@router.delete("/{session_id}/whep/{viewer_id}")
+async def stop_watching(session_id: str, viewer_id: str, s: Services = Depends(services)):
+    await s.sessions.unwatch(session_id, viewer_id)
+    return {"deleted": viewer_id}
+
+
+@router.websocket("/{session_id}/speech")
+async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "16000"):
+    s: Services = websocket.app.state.services
+    await websocket.accept()
+    try:
+        rate = int(sample_rate) if sample_rate.isdigit() else 0
+        if not 8000 <= rate <= 96000:
+            raise LiveError(f"sample_rate must be 8000..96000 Hz, got {sample_rate!r}")
+        session = s.sessions.get(session_id)
+        if session.speaker is not None:
+            raise LiveError("this session already has a speech socket; close it first")
+    except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
+        await refuse_websocket(websocket, error)
+        return
+    session.speaker = websocket
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def notify(event: dict, at: float) -> None:  # on the session's thread: delivered when it happens
+        loop.call_soon_threadsafe(loop.call_later, max(0.0, at - time.monotonic()), events.put_nowait, event)
+
+    session.listen(notify)
+    sender = asyncio.create_task(_send_events(websocket, events))
+    receiver = asyncio.create_task(_receive_speech(websocket, session, rate, s.settings.session_queue_seconds))
+    try:
+        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises what ended it
+    except WebSocketDisconnect:
+        pass
+    except Exception as error:  # noqa: BLE001 - the client hears why; the session goes on
+        await refuse_websocket(websocket, error)
+    finally:
+        session.unlisten(notify)
+        session.speaker = None
+        for task in (sender, receiver):
+            task.cancel()
+
+
+async def _send_events(websocket: WebSocket, events: asyncio.Queue) -> None:
+    while True:
+        event = await events.get()
+        await websocket.send_json(event)
+        if event["type"] == "session_ended":
+            await websocket.close(code=1000, reason="the session ended")
+            return
+        if event["type"] == "error" and event.get("status") == 413:  # a segment over the limit, as /ws/live
+            await websocket.close(code=4413, reason=event["error"][:120])
+            return
+
+
+async def _receive_speech(websocket: WebSocket, session: Session, rate: int, max_queued_s: float) -> None:
+    while True:
+        while session.queued_seconds > max_queued_s:  # back-pressure: the audio waits in the socket
+            await asyncio.sleep(0.05)
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        if message.get("bytes") is not None:
+            if len(message["bytes"]) > MAX_PCM_MESSAGE:
+                raise LiveError(f"a PCM message is at most {MAX_PCM_MESSAGE // 1024} kB; send smaller pieces")
+            session.speak(message["bytes"], rate)
+            continue
+        try:
+            command = json.loads(message.get("text") or "")
+        except ValueError:
+            command = None
+        kind = command.get("type") if isinstance(command, dict) else None
+        if kind == "segment_end":
+            session.segment_end()
+        elif kind == "interrupt":
+            session.interrupt()
+        else:
+            raise LiveError('expected binary PCM, {"type": "segment_end"} or {"type": "interrupt"}, '
+                            f"got {(message.get('text') or '')[:80]!r}")

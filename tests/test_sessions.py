@@ -1,0 +1,349 @@
+"""Conversational sessions against a real uvicorn process and the real local Triton, watched by a
+real WebRTC peer (aiortc, through the SDK's client.sessions): idle video at the session's fps with
+no Triton call, speech segments, barge-in, one clock for audio and video, clean endings, bad input.
+
+Speech frames are told from idle ones by their pixels: the avatar is a photograph (its idle frame
+never changes) and the tiny models' random weights paint noise where the mouth is.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from client import MuseTalkClient
+from client.sessions import AvatarSession
+from support import SPEECH
+
+FPS = 25  # idle sessions
+SPEAKING_FPS = 12  # sessions that speak: the tiny models make about 28 frames/s on 2 cores, all told
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def speech_pcm(repeat: int = 1) -> tuple[bytes, float]:
+    """The speech fixture as 16 kHz PCM, its leading silence cut (its first frame is speech)."""
+    samples, rate = soundfile.read(str(SPEECH), dtype="float32")
+    import soxr
+
+    samples = soxr.resample(samples, rate, 16000)
+    start = int(np.argmax(np.abs(samples) > 0.02))
+    samples = np.tile(samples[start:], repeat)
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes(), len(samples) / 16000
+
+
+def blocks_changed(frame: np.ndarray, idle: np.ndarray, block: int = 16) -> float:
+    """The largest mean difference of any 16x16 block between two luma planes."""
+    h, w = (idle.shape[0] // block) * block, (idle.shape[1] // block) * block
+    diff = np.abs(frame[:h, :w].astype(np.int16) - idle[:h, :w]).reshape(h // block, block, w // block, block)
+    return float(diff.mean(axis=(1, 3)).max())
+
+
+def luma(received) -> np.ndarray:
+    return received.frame.to_ndarray(format="gray")
+
+
+class Watch:
+    """Collects a viewer's video frames (luma, arrival) and audio frames (samples, arrival)."""
+
+    def __init__(self, viewer):
+        self.viewer, self.video, self.audio = viewer, [], []
+        self.task = asyncio.ensure_future(self._collect())
+
+    async def _collect(self):
+        async def video():
+            while True:
+                received = await self.viewer.video.get()
+                self.video.append((luma(received), received.arrived))
+
+        async def audio():
+            while True:
+                received = await self.viewer.audio.get()
+                self.audio.append((received.frame.to_ndarray().astype(np.float32) / 32768, received.arrived))
+
+        await asyncio.gather(video(), audio())
+
+    def speech_frames(self, idle: np.ndarray, since: float = 0.0) -> list[tuple[int, float]]:
+        """(index, arrival) of every frame since `since` that is neither the idle picture nor the
+        frame before it again (a hold, while generation catches up)."""
+        return [(i, at) for i, (picture, at) in enumerate(self.video)
+                if at >= since and blocks_changed(picture, idle) > 12
+                and blocks_changed(picture, self.video[i - 1][0]) > 2]
+
+    def gaps(self, idle: np.ndarray, frames: list[tuple[int, float]]) -> list[int]:
+        """Frames between the first and the last of `frames` that show the avatar's own face."""
+        return [i for i in range(frames[0][0], frames[-1][0]) if blocks_changed(self.video[i][0], idle) <= 12]
+
+    def audio_onset(self, since: float) -> float:
+        return next(at for samples, at in self.audio if at >= since and np.abs(samples).max() > 0.02)
+
+    def stop(self):
+        self.task.cancel()
+
+
+async def open_watched(url: str, fps: int = SPEAKING_FPS, **options):
+    session = await AvatarSession.open(url, fps=fps, **options)
+    viewer = await session.watch()
+    watch = Watch(viewer)
+    await asyncio.sleep(1.0)  # the first frames; the idle picture
+    assert watch.video, "no video arrived within a second"
+    return session, watch
+
+
+def triton_executions(url: str) -> dict[str, int]:
+    with MuseTalkClient(url) as client:
+        return {m: int(client.statistics(m).get("execution_count", 0)) for m in ("audio_encoder", "unet")}
+
+
+def test_an_idle_session_streams_its_avatar_at_its_fps_without_calling_triton(frontend_server, triton):
+    async def scenario():
+        session, watch = await open_watched(frontend_server.url, fps=FPS)
+        before, count_before, started = triton_executions(triton.grpc_url), len(watch.video), time.monotonic()
+        await asyncio.sleep(3.0)
+        frames, seconds = len(watch.video) - count_before, time.monotonic() - started
+        status = await session.status()
+        after = triton_executions(triton.grpc_url)
+        idle = watch.video[0][0]
+        moving = max(blocks_changed(picture, idle) for picture, _ in watch.video)
+        audio = np.concatenate([samples for samples, _ in watch.audio])
+        watch.stop()
+        await session.close()
+        return frames / seconds, status, before, after, moving, audio
+
+    rate, status, before, after, moving, audio = run(scenario())
+    assert abs(rate - FPS) < 3, rate
+    assert after == before, "an idle session called Triton"
+    assert status["state"] == "idle" and status["frames_sent"] > 3 * FPS
+    assert status["frames"]["speech"] == 0 and status["triton"]["requests"] == 0
+    assert moving < 8  # a photograph: the same picture, only compression noise
+    assert np.abs(audio).max() < 1e-3  # silence
+
+
+def test_a_segment_plays_every_frame_with_its_audio_on_one_clock(frontend_server):
+    pcm, seconds = speech_pcm()
+    expected = math.floor(seconds * SPEAKING_FPS)
+
+    async def scenario():
+        session, watch = await open_watched(frontend_server.url, silence_dbfs=None, transition_frames=3)
+        idle = watch.video[-1][0]
+        speech = await session.speech(16000)
+        sent = time.monotonic()
+        for i in range(0, len(pcm), 3200):  # 100 ms pieces, as fast as a TTS makes them
+            await speech.send(pcm[i : i + 3200])
+        await speech.end_segment()
+        started = await speech.event("speech_started")
+        finished = await speech.event("speech_finished")
+        await asyncio.sleep(0.5)
+        status = await session.status()
+        watch.stop()
+        await session.close()
+        return watch, idle, sent, started, finished, status
+
+    watch, idle, sent, started, finished, status = run(scenario())
+    assert started["segment"] == finished["segment"] == 1
+    assert finished["played_seconds"] == round(expected / SPEAKING_FPS, 3) and finished["interrupted"] is False
+    assert finished["received"] > started["received"]
+    speech_frames = watch.speech_frames(idle, since=sent)
+    # every speech frame, then the face fading out over transition_frames - 1 more
+    assert expected <= len(speech_frames) <= expected + 2, (len(speech_frames), expected)
+    assert not watch.gaps(idle, speech_frames)  # no idle frame in the middle of the speech
+    # One clock: the first speech frame and the speech's first audio arrive within a frame.
+    onset = watch.audio_onset(since=sent)
+    assert abs(speech_frames[0][1] - onset) <= 1 / SPEAKING_FPS, (speech_frames[0][1] - onset)
+    assert status["frames"]["speech"] == expected and status["segments"]["played"] == 1
+    assert status["triton"]["faces"] == expected and status["triton"]["silent_frames"] == 0
+    assert status["latency_ms"]["speech_start"]["count"] == 1
+
+
+def test_two_queued_segments_play_without_a_gap(frontend_server):
+    pcm, seconds = speech_pcm()
+    half = len(pcm) // 4 * 2
+
+    async def scenario():
+        session, watch = await open_watched(frontend_server.url, silence_dbfs=None)
+        idle = watch.video[-1][0]
+        speech = await session.speech(16000)
+        sent = time.monotonic()
+        for part in (pcm[:half], pcm[half:]):
+            await speech.send(part)
+            await speech.end_segment()
+        events = [await speech.event(kind) for kind in ("speech_started", "speech_finished") * 2]
+        await asyncio.sleep(0.5)
+        watch.stop()
+        await session.close()
+        return watch, idle, sent, events
+
+    watch, idle, sent, events = run(scenario())
+    assert [(e["type"], e["segment"]) for e in events] == [
+        ("speech_started", 1), ("speech_finished", 1), ("speech_started", 2), ("speech_finished", 2)]
+    assert abs(events[2]["received"] - events[1]["received"]) < 1.5 / SPEAKING_FPS  # no gap between them
+    frames = watch.speech_frames(idle, since=sent)
+    assert not watch.gaps(idle, frames)  # not one idle frame between the two
+    total = sum(math.floor(len(part) / 2 / 16000 * SPEAKING_FPS) for part in (pcm[:half], pcm[half:]))
+    assert total <= len(frames) <= total + 2
+
+
+def test_interrupt_cuts_speech_at_once_and_cancels_its_triton_requests(frontend_server, triton):
+    pcm, seconds = speech_pcm(repeat=3)
+
+    async def scenario():
+        session, watch = await open_watched(frontend_server.url, silence_dbfs=None)
+        idle = watch.video[-1][0]
+        speech = await session.speech(16000)
+        await speech.send(pcm)
+        await speech.end_segment()
+        await speech.event("speech_started")
+        await asyncio.sleep(1.0)
+        interrupted = time.monotonic()
+        await speech.interrupt()
+        finished = await speech.event("speech_finished")
+        await asyncio.sleep(1.0)
+        with MuseTalkClient(triton.grpc_url) as client:
+            settled = int(client.statistics("unet")["inference_count"])
+            await asyncio.sleep(1.0)
+            later = int(client.statistics("unet")["inference_count"])
+        status = await session.status()
+        watch.stop()
+        await session.close()
+        return watch, idle, interrupted, finished, status, settled, later
+
+    watch, idle, interrupted, finished, status, settled, later = run(scenario())
+    assert finished["interrupted"] is True and 0.3 < finished["played_seconds"] < 2.5, finished
+    # After the interrupt the speech frames stop within a few frames (the face fades out).
+    last_speech = max(at for _, at in watch.speech_frames(idle))
+    assert last_speech - interrupted < 0.3, last_speech - interrupted
+    assert blocks_changed(watch.video[-1][0], idle) < 8  # idle again
+    assert status["state"] == "idle" and status["segments"]["interrupted"] == 1
+    assert status["triton"]["cancelled"] >= 1  # requests in flight at the interrupt were cancelled
+    assert status["latency_ms"]["interrupt"]["count"] == 1
+    assert later == settled  # nothing of the dropped speech runs on Triton any more
+
+
+def test_silent_frames_show_the_avatar_without_a_triton_call(frontend_server):
+    pcm, seconds = speech_pcm()
+    silence = np.zeros(16000, "<i2").tobytes()  # 1 s of silence inside the segment
+
+    async def scenario():
+        async with await AvatarSession.open(frontend_server.url, fps=SPEAKING_FPS) as session:  # default threshold
+            speech = await session.speech(16000)
+            await speech.send(pcm + silence + pcm)
+            await speech.end_segment()
+            await speech.event("speech_finished", timeout=90)
+            return await session.status()
+
+    status = run(scenario())
+    frames = math.floor((2 * len(pcm) + len(silence)) / 2 / 16000 * SPEAKING_FPS)
+    assert status["frames"]["speech"] == frames
+    assert status["triton"]["silent_frames"] >= SPEAKING_FPS // 2  # most of the second of silence
+    assert status["triton"]["faces"] + status["triton"]["silent_frames"] == frames
+
+
+def test_viewers_that_leave_and_sessions_that_end_free_everything(frontend_server, triton):
+    def gauge(name: str) -> float:
+        text = httpx.get(f"{frontend_server.url}/metrics").text
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    async def scenario():
+        session = await AvatarSession.open(frontend_server.url, fps=SPEAKING_FPS)
+        viewer = await session.watch()
+        await viewer.video.get()
+        await viewer.pc.close()  # vanishes without a DELETE
+        deadline = time.monotonic() + 15
+        while (await session.status())["viewers"]:
+            assert time.monotonic() < deadline, "a viewer that left is still counted"
+            await asyncio.sleep(0.2)
+        second = await session.watch()
+        await second.video.get()
+        speech = await session.speech(16000)
+        await speech.send(speech_pcm()[0])
+        await speech.end_segment()
+        await speech.event("speech_started")
+        await session.close()  # mid-speech: viewer, speech socket and Triton requests go with it
+        return await speech.event("closed")
+
+    closed = run(scenario())
+    assert closed["type"] == "closed"
+    assert httpx.get(f"{frontend_server.url}/sessions").json() == {"sessions": []}
+    assert gauge("musetalk_sessions") == 0 and gauge("musetalk_session_viewers") == 0
+    with MuseTalkClient(triton.grpc_url) as client:
+        settled = int(client.statistics("unet")["inference_count"])
+        time.sleep(1.0)
+        assert int(client.statistics("unet")["inference_count"]) == settled
+
+
+def test_bad_session_requests_are_clear_errors(frontend_server):
+    url = frontend_server.url
+    session = httpx.post(f"{url}/sessions", json={"fps": FPS}).json()
+    sdp = {"Content-Type": "application/sdp"}
+    cases = [
+        (httpx.post(f"{url}/sessions", json={"fps": 0}), 422, "fps"),
+        (httpx.post(f"{url}/sessions", json={"avatar_id": "nobody"}), 404, "unknown avatar"),
+        (httpx.get(f"{url}/sessions/nope"), 404, "unknown session"),
+        (httpx.post(f"{url}/sessions/nope/whep", content="v=0", headers=sdp), 404, "unknown session"),
+        (httpx.post(f"{url}{session['whep']}", content="not sdp at all", headers=sdp), 400, "SDP offer"),
+        (httpx.post(f"{url}{session['whep']}", content="v=0\r\n", headers={"Content-Type": "text/plain"}),
+         415, "application/sdp"),
+        (httpx.delete(f"{url}{session['whep']}/nobody"), 404, "no viewer"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, (response.status_code, response.text)
+        assert message in response.json()["error"], response.json()
+    ws = url.replace("http", "ws")
+    for path, code, message in [
+        ("/sessions/nope/speech", 4404, "unknown session"),
+        (f"{session['speech']}?sample_rate=abc", 4422, "sample_rate"),
+    ]:
+        with connect(ws + path) as socket:
+            error = json.loads(socket.recv())
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv()
+        assert message in error["error"] and closed.value.rcvd.code == code
+    with connect(ws + session["speech"]) as socket:
+        socket.send("hello")
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                socket.recv()
+    assert closed.value.rcvd.code == 4422
+    assert httpx.delete(f"{url}/sessions/{session['id']}").status_code == 200
+    with connect(ws + session["speech"]) as socket:  # a deleted session's speech socket
+        assert "unknown session" in socket.recv()
+    assert httpx.get(f"{url}/healthz").status_code == 200  # still serving
+    assert httpx.delete(f"{url}/sessions/{session['id']}").status_code == 404
+
+
+def test_sessions_beyond_the_limit_are_refused_with_429(frontend_server):
+    url = frontend_server.url  # MUSETALK_MAX_LIVE_SESSIONS=4 (conftest)
+    opened = [httpx.post(f"{url}/sessions", json={"fps": 10}) for _ in range(4)]
+    try:
+        assert [r.status_code for r in opened] == [201] * 4
+        refused = httpx.post(f"{url}/sessions", json={"fps": 10})
+        assert refused.status_code == 429 and "live sessions are taken" in refused.json()["error"]
+    finally:
+        for response in opened:
+            httpx.delete(f"{url}/sessions/{response.json()['id']}")
+    assert httpx.post(f"{url}/sessions", json={"fps": 10}).status_code == 201  # a slot is free again
+
+
+def test_a_session_nobody_watches_or_speaks_to_ends_by_itself(triton, tmp_path, face_png):
+    from fastapi.testclient import TestClient
+
+    from frontend.app import create_app
+    from frontend.settings import Settings
+
+    settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path, session_idle_seconds=1)
+    with TestClient(create_app(settings)) as api:
+        api.post("/avatars", data={"avatar_id": "default"}, files={"file": ("face.png", face_png, "image/png")})
+        session = api.post("/sessions", json={}).json()
+        assert api.get(f"/sessions/{session['id']}").status_code == 200
+        time.sleep(3)
+        assert api.get(f"/sessions/{session['id']}").status_code == 404
