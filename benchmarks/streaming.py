@@ -143,7 +143,7 @@ def sessions_at_once(url: str, pcm: bytes, rate: int, count: int, triton_http: s
 
 
 # -- running it ----------------------------------------------------------------------------
-def local_stack(profile: str):
+def local_stack(profile: str, env: dict[str, str] | None = None):
     from stack.exports import ensure_exported
     from stack.frontend_process import FrontEnd
     from stack.serve import default_avatar_source
@@ -154,7 +154,7 @@ def local_stack(profile: str):
     server = start(repository, Ports.free(), target=BUILD / "bench_triton", progress=False)
     frontend = FrontEnd(server.grpc_url, free_port(), host="127.0.0.1", log_file=BUILD / "bench_frontend.log", env={
         "MUSETALK_AVATAR_DIR": str(BUILD / f"bench_avatars-{profile}"), "MUSETALK_MAX_LIVE_SESSIONS": "16",
-        "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source()}).start()
+        "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(), **(env or {})}).start()
     if not frontend.wait_until_ready(1800):
         raise SystemExit(f"the front end never became ready; see {frontend.log_file}")
     return server, frontend

@@ -28,7 +28,7 @@ from frontend.sessions.registry import Sessions
 from frontend.sessions.session import SessionOptions
 from frontend.settings import Settings
 
-IDLE_GOP = 25  # an encoded idle cycle has a keyframe every 25 frames: where sessions may start its replay
+IDLE_GOP = 50  # an encoded idle cycle has a keyframe every 50 frames: where sessions may start its replay
 
 log = logging.getLogger("musetalk.frontend")
 

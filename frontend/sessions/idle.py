@@ -5,7 +5,8 @@ An idle session shows the avatar's own frames, the ping-pong cycle
 Encoding them for every session, every cycle, would make an idle session cost
 as much as a speaking one. Instead each (avatar, codec, fps) cycle is encoded
 once, in the background, as one stream with a keyframe every `gop` frames
-(and at frame 0, so the replay loops), and sessions send those packets: a
+(and at frame 0, so the replay loops: a cycle shorter than that is repeated up to
+it), and sessions send those packets: a
 session switches to the replay at a keyframe and leaves it for live encoding
 (a keyframe first) whenever it shows anything else. Until a cycle is ready,
 sessions encode their idle frames live.
@@ -13,6 +14,7 @@ sessions encode their idle frames live.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -90,13 +92,16 @@ class IdleCycles:
 
 
 def encode_cycle(avatar: Avatar, codec: str, fps: int, kbps: int, gop: int) -> list[EncodedFrame]:
-    """The avatar's whole ping-pong cycle as one stream: a keyframe at 0 and every `gop` frames."""
+    """The avatar's ping-pong cycle as one stream: a keyframe at 0 and every `gop` frames. A cycle
+    shorter than `gop` (a photo's is 2 frames) is repeated up to it, so its replay, which restarts
+    at frame 0, still has a keyframe only every `gop` frames."""
     width, height = avatar.size
+    cycle = 2 * avatar.frame_count
+    length = cycle * math.ceil(gop / cycle) if cycle < gop else cycle
     encoder = VideoEncoder(codec, width, height, fps, kbps, keyframe_interval=gop)
     reader = avatar.reader()
     try:
-        cycle = 2 * avatar.frame_count
-        return [encoder.encode(reader.frame(avatar.cycle_index(j)), keyframe=j % gop == 0) for j in range(cycle)]
+        return [encoder.encode(reader.frame(avatar.cycle_index(j)), keyframe=j % gop == 0) for j in range(length)]
     finally:
         reader.close()
         encoder.close()

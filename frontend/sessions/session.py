@@ -56,6 +56,7 @@ log = logging.getLogger("musetalk.frontend")
 LEAD_S = 0.02  # a tick is produced this long before it is due (its encoding fits in it)
 REBASE_S = 0.25  # a tick later than this moves the clock, for both tracks: no burst of late frames
 POLL_S = 0.005  # how often generation is looked at while Triton has work of the session's
+INTERRUPT_FADE_STEP = 0.5  # an interrupted face fades out in at most two frames: barge-in is seen at once
 PROGRESS_EVERY_S = 0.5
 CLOSE, END, INTERRUPT = object(), object(), object()
 
@@ -162,12 +163,18 @@ class Session:
         self.segments: deque[Segment] = deque()  # the head plays (or waits for its start)
         self.segment_count = 0
         self.alpha, self.last_face = 0.0, None  # the face strength and face of the last tick (for fades)
+        self.fade_step = 1.0 / max(1, options.transition_frames)  # alpha's step down per frame, after speech
         self.shown: Tick | None = None  # the last tick (a hold shows it again)
         self.last_picture: tuple[int, np.ndarray] | None = None  # (tick, its composed frame)
         self.carry = np.zeros(0, np.float32)  # a finished segment's audio after its last frame
-        self.start_estimate = options.start_lead_seconds
+        # How long recent segments' frame 0 took to be ready: a new segment starts that far ahead
+        # in the cycle (the quickest of them: arriving later means a brief hold, never a jump).
+        self.first_frame_seconds: deque[float] = deque([options.start_lead_seconds], maxlen=8)
         self.composer = Composer(avatar, Report(frames=0, fps=self.fps, audio_seconds=0.0))
         self.opus = OpusEncoder()
+        # Packets produced, waiting for their time: (due, ("video", frame n, {codec: packet}) or
+        # ("audio", sample, packet)). The session hands them to its viewers when they are due.
+        self.outgoing: deque[tuple[float, tuple]] = deque()
         self.outs: dict[str, VideoOut] = {}
         self.inbox: queue.Queue = queue.Queue()
         self._viewers: dict[str, object] = {}
@@ -270,15 +277,19 @@ class Session:
     def run(self) -> None:
         try:
             while True:
-                due = self.clock.due(self.tick) - LEAD_S
+                produce = self.clock.due(self.tick) - LEAD_S
                 now = time.monotonic()
-                if now >= due:
-                    if now > due + REBASE_S:
+                if now >= produce:
+                    if now > produce + REBASE_S:
                         self.clock.rebase(self.tick, now)
                     self._produce()
                     continue
+                if self.outgoing and now >= self.outgoing[0][0]:
+                    self._publish(now)
+                    continue
+                wake = min(produce, self.outgoing[0][0]) if self.outgoing else produce
                 busy = any(s.utterance.busy for s in list(self.segments)[:2])
-                if self._read_inbox(min(due - now, POLL_S) if busy else due - now) is CLOSE:
+                if self._read_inbox(min(wake - now, POLL_S) if busy else wake - now) is CLOSE:
                     return
                 self._generate()
         except Exception as error:  # noqa: BLE001 - the session ends; its speech socket says why
@@ -337,7 +348,7 @@ class Session:
             last = self.segments[-1]
             start, alpha = last.start + last.frames, last.alpha(last.frames - 1) if last.frames else 0.0
         else:  # after idle: where the cycle will be when its frame 0 is expected (if later, it holds)
-            start, alpha = self.position + math.ceil(self.start_estimate * self.fps), 0.0
+            start, alpha = self.position + math.floor(min(self.first_frame_seconds) * self.fps), 0.0
         self.segment_count += 1
         segment = Segment(self.segment_count, self.avatar, self.client, self.fps, sample_rate, start, self.options,
                           alpha_before=alpha or 0.0)
@@ -353,6 +364,7 @@ class Session:
         self.segments.clear()
         self.queued_seconds = self.behind_seconds = 0.0
         self._interrupted_at = when
+        self.fade_step = max(self.fade_step, INTERRUPT_FADE_STEP)
 
     def _generate(self) -> None:
         """Move generation on: the playing segment up to `ahead_seconds` past its playback,
@@ -393,9 +405,8 @@ class Session:
         viewers = self.viewers
         if viewers or self.segments or self._listeners:
             self.last_activity = time.monotonic()
-        audio = self.opus.add(tick.audio)
         if viewers:
-            self._send(tick, due, viewers, audio)
+            self._encode(tick, due, {viewer.codec for viewer in viewers})
         else:
             for out in self.outs.values():
                 out.keyframe_wanted = True  # whoever comes next starts with a keyframe
@@ -431,9 +442,8 @@ class Session:
         if k == 0:
             self.speech_start.add(self.clock.due(n) - segment.first_audio_at)
             metrics.SESSION_SPEECH_START.observe(self.clock.due(n) - segment.first_audio_at)
-            if segment.first_frame_at is not None:  # how long frame 0 took: the next start's lead
-                self.start_estimate = 0.7 * self.start_estimate + 0.3 * (segment.first_frame_at
-                                                                           - segment.first_audio_at)
+            if segment.first_frame_at is not None:
+                self.first_frame_seconds.append(segment.first_frame_at - segment.first_audio_at)
             self._emit({"type": "speech_started", "segment": segment.number}, self.clock.due(n))
         segment.played += 1
         self.position += 1
@@ -449,10 +459,11 @@ class Session:
         position = self.position
         self.position += 1
         if self.alpha > 0 and self.last_face is not None:  # fading out after speech
-            self.alpha = max(0.0, self.alpha - 1 / max(1, self.options.transition_frames))
+            self.alpha = max(0.0, self.alpha - self.fade_step)
             if self.alpha > 0:
                 return self._shown(Tick(n, position, "transition", audio, self.last_face, self.alpha))
         self.alpha, self.last_face = 0.0, None
+        self.fade_step = 1.0 / max(1, self.options.transition_frames)
         return self._shown(Tick(n, position, "idle", audio))
 
     def _shown(self, tick: Tick) -> Tick:
@@ -481,20 +492,27 @@ class Session:
         self.triton["silent_frames"] += segment.utterance.skipped
         self.triton["faces"] += segment.faces_received
 
-    def _send(self, tick: Tick, due: float, viewers: list, audio: list[tuple[int, bytes]]) -> None:
+    def _encode(self, tick: Tick, due: float, codecs: set[str]) -> None:
+        """The tick's packets, once per codec watched, queued for their time."""
         picture = self._picture(tick)
         packets = {}
-        for viewer in viewers:
-            if viewer.codec not in packets:
-                out = self.outs.get(viewer.codec)
-                if out is None:
-                    out = self.outs[viewer.codec] = VideoOut(viewer.codec, self.avatar, self.options,
-                                                             self.idle_cycles)
-                packets[viewer.codec] = out.frame(tick, picture)
-        for viewer in viewers:
-            viewer.publish(due, tick.n, packets[viewer.codec],
-                           [(self.clock.due_sample(pts), pts, data) for pts, data in audio])
+        for codec in codecs:
+            if codec not in self.outs:
+                self.outs[codec] = VideoOut(codec, self.avatar, self.options, self.idle_cycles)
+            packets[codec] = self.outs[codec].frame(tick, picture)
+        self.outgoing.append((due, ("video", tick.n, packets)))
+        for pts, data in self.opus.add(tick.audio, span(tick.n, self.fps)[0]):
+            self.outgoing.append((self.clock.due_sample(pts), ("audio", pts, data)))
         self.frames_sent += 1
+
+    def _publish(self, now: float) -> None:
+        """Hand every packet that is due to the viewers: video frame n and the audio of frame n
+        leave at the same moment, so the sender reports of both tracks tell the same clock."""
+        due = []
+        while self.outgoing and self.outgoing[0][0] <= now + 0.001:
+            due.append(self.outgoing.popleft()[1])
+        for viewer in self.viewers:
+            viewer.publish(due)
 
     def _picture(self, tick: Tick) -> Callable[[], np.ndarray]:
         """The tick's frame, composed only if some codec needs it (not for replayed idle packets)."""

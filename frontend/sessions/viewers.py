@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from fractions import Fraction
 
@@ -45,7 +44,7 @@ class PacketTrack(MediaStreamTrack):
         self.dropped = 0
 
     def push(self, item) -> None:
-        """(due, pts, data) or None (the end); on the event loop's thread."""
+        """(pts, data) or None (the end); on the event loop's thread."""
         while self.queue.full():
             self.queue.get_nowait()  # a stalled sender loses its oldest packets, not our memory
             self.dropped += 1
@@ -54,14 +53,11 @@ class PacketTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        item = await self.queue.get()
+        item = await self.queue.get()  # the session hands packets over when they are due
         if item is None:
             self.stop()
             raise MediaStreamError
-        due, pts, data = item
-        delay = due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        pts, data = item
         packet = av.Packet(data)
         packet.pts, packet.time_base = pts, self.time_base
         return packet
@@ -78,19 +74,22 @@ class Viewer:
         self.pc: RTCPeerConnection | None = None
         self._waiting_for_keyframe = True
 
-    def publish(self, due: float, n: int, video: EncodedFrame, audio: list[tuple[float, int, bytes]]) -> None:
-        """One tick's packets (from the session's thread): video frame n and its audio."""
-        self.loop.call_soon_threadsafe(self._push, due, n, video, audio)
+    def publish(self, packets: list[tuple]) -> None:
+        """Packets that are due now (from the session's thread): ("video", n, {codec: frame}),
+        ("audio", sample, data)."""
+        self.loop.call_soon_threadsafe(self._push, packets)
 
-    def _push(self, due: float, n: int, video: EncodedFrame, audio: list) -> None:
-        if self._waiting_for_keyframe and not video.keyframe:
-            pass  # a decoder starts at a keyframe: the session sends one for a new viewer
-        else:
+    def _push(self, packets: list[tuple]) -> None:
+        for kind, pts, payload in packets:
+            if kind == "audio":
+                if self.audio is not None:
+                    self.audio.push((pts, payload))
+                continue
+            video: EncodedFrame = payload.get(self.codec)
+            if video is None or (self._waiting_for_keyframe and not video.keyframe):
+                continue  # a decoder starts at a keyframe: the session sends one for a new viewer
             self._waiting_for_keyframe = False
-            self.video.push((due, n, video.data))
-        if self.audio is not None:
-            for item in audio:
-                self.audio.push(item)
+            self.video.push((pts, video.data))
 
     def end(self) -> None:
         """The session ended: the tracks stop, and with them the senders."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 import av
 import numpy as np
@@ -67,40 +68,74 @@ class VideoEncoder:
         return EncodedFrame(b"".join(bytes(p) for p in packets), any(p.is_keyframe for p in packets))
 
     def close(self) -> None:
-        try:
-            self.context.close()
-        except Exception:  # noqa: BLE001 - closing a half-used encoder may complain
-            pass
+        self.context = None  # PyAV frees an encoder with its last reference
 
 
 class OpusEncoder:
     """Mono float32 samples at 48 kHz in, 20 ms Opus packets out as (first sample's index, bytes):
-    the index is the packet's place on the session's clock (its RTP timestamp, less an offset)."""
+    the index is the packet's place on the session's clock (its RTP timestamp, less an offset).
+
+    Silence costs next to nothing, as with Opus's own DTX: after SILENT_BLOCKS blocks of digital
+    silence, one pre-encoded silent packet goes every DTX_EVERY blocks (400 ms) and nothing in
+    between (players fill the gaps with silence), so an idle session encodes no audio and sends
+    a twentieth of the packets; the next sound starts a fresh encoder (the decoder has heard only
+    silence: Opus starts cleanly on either side)."""
+
+    SILENT_BLOCKS = 10
+    DTX_EVERY = 20
 
     def __init__(self, kbps: int = 48):
-        self.context = av.CodecContext.create("libopus", "w")
-        self.context.sample_rate, self.context.layout, self.context.format = AUDIO_RATE, "mono", "flt"
-        self.context.time_base = Fraction(1, AUDIO_RATE)
-        self.context.bit_rate = kbps * 1000
-        self.context.options = {"application": "voip"}
+        self.kbps = kbps
+        self.context = opus_context(kbps)
         self.pending = np.zeros(0, np.float32)
         self.position = 0  # sample index of pending[0]
+        self.silent_run = 0
+        self.silence = silence_packet(kbps)
 
-    def add(self, samples: np.ndarray) -> list[tuple[int, bytes]]:
+    def add(self, samples: np.ndarray, start: int) -> list[tuple[int, bytes]]:
+        """`samples` beginning at sample `start` of the clock; a gap (nobody listened) starts afresh."""
+        if start != self.position + len(self.pending):
+            self.pending, self.position = np.zeros(0, np.float32), start
         self.pending = np.concatenate([self.pending, samples.astype(np.float32)])
         out = []
         while len(self.pending) >= OPUS_SAMPLES:
             block, self.pending = self.pending[:OPUS_SAMPLES], self.pending[OPUS_SAMPLES:]
-            frame = av.AudioFrame.from_ndarray(np.clip(block, -1, 1)[None], format="flt", layout="mono")
-            frame.sample_rate, frame.pts = AUDIO_RATE, self.position
-            data = b"".join(bytes(p) for p in self.context.encode(frame))
-            if data:
+            self.silent_run = self.silent_run + 1 if not block.any() else 0
+            if self.silent_run > self.SILENT_BLOCKS:
+                if self.silent_run % self.DTX_EVERY == 0:
+                    out.append((self.position, self.silence))
+            else:
+                if self.silent_run == 0 and self.context is None:
+                    self.context = opus_context(self.kbps)
+                data = opus_packet(self.context, block, self.position) if self.context else self.silence
                 out.append((self.position, data))
+                if self.silent_run == self.SILENT_BLOCKS:
+                    self.close()  # silence from here on: the next sound gets a fresh encoder
             self.position += OPUS_SAMPLES
         return out
 
     def close(self) -> None:
-        try:
-            self.context.close()
-        except Exception:  # noqa: BLE001
-            pass
+        self.context = None  # PyAV frees an encoder with its last reference
+
+
+def opus_context(kbps: int):
+    context = av.CodecContext.create("libopus", "w")
+    context.sample_rate, context.layout, context.format = AUDIO_RATE, "mono", "flt"
+    context.time_base = Fraction(1, AUDIO_RATE)
+    context.bit_rate = kbps * 1000
+    context.options = {"application": "voip"}
+    return context
+
+
+def opus_packet(context, block: np.ndarray, pts: int) -> bytes:
+    frame = av.AudioFrame.from_ndarray(np.clip(block, -1, 1)[None], format="flt", layout="mono")
+    frame.sample_rate, frame.pts = AUDIO_RATE, pts
+    return b"".join(bytes(p) for p in context.encode(frame))
+
+
+@lru_cache(maxsize=4)
+def silence_packet(kbps: int) -> bytes:
+    """What the encoder settles on for digital silence (its first packets carry start-up state)."""
+    context = opus_context(kbps)
+    zeros = np.zeros(OPUS_SAMPLES, np.float32)
+    return [opus_packet(context, zeros, k * OPUS_SAMPLES) for k in range(5)][-1]
