@@ -7,16 +7,17 @@ PYTHON ?= python3.11
 PROFILE ?= full
 VENV := .venv
 TRITON_VENV := .venv-triton
+PIPECAT_VENV := .venv-pipecat
 PY := $(VENV)/bin/python
 # Real checkpoints when models/ holds them, otherwise full-size random weights (said loudly).
 WEIGHTS := $(if $(wildcard models/musetalkV15/unet.pth),--weights models,--synthetic)
 
-.PHONY: demo test lint browser env triton-env export triton serve bench perf lint-docker clean
+.PHONY: demo test lint browser env triton-env pipecat-env export triton serve talk bench perf lint-docker clean
 
 demo: env triton-env
 	$(PY) -m stack.demo --profile $(PROFILE)
 
-test: env triton-env browser lint
+test: env triton-env pipecat-env browser lint
 	$(PY) -m pytest -q
 
 lint: env
@@ -48,6 +49,15 @@ $(TRITON_VENV)/.installed: triton_local/requirements.txt
 	$(TRITON_VENV)/bin/python -m pip install -q -r triton_local/requirements.txt
 	touch $@
 
+# Pipecat (the voice-agent integration, make talk) pins what the service cannot share an
+# environment with: it gets its own, like the local Triton.
+pipecat-env: $(PIPECAT_VENV)/.installed
+$(PIPECAT_VENV)/.installed: pyproject.toml
+	test -x $(PIPECAT_VENV)/bin/python || $(PYTHON) -m venv $(PIPECAT_VENV)
+	$(PIPECAT_VENV)/bin/python -m pip install -q --upgrade pip==25.3
+	$(PIPECAT_VENV)/bin/python -m pip install -q -e ".[pipecat]"
+	touch $@
+
 export: env
 	$(PY) -m export $(WEIGHTS)
 
@@ -56,6 +66,10 @@ triton: export triton-env
 
 serve: env triton-env
 	$(PY) -m stack.serve --profile $(PROFILE)
+
+# Talk to the avatar: the stack, and a Pipecat bot that repeats what you say (its page is printed).
+talk: env triton-env pipecat-env
+	$(PY) -m stack.talk --profile $(PROFILE)
 
 bench: env
 	$(PY) -m benchmarks.onnx_vs_pytorch

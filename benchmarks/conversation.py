@@ -72,18 +72,27 @@ class Watch:
         self.tasks = [asyncio.ensure_future(self._video()), asyncio.ensure_future(self._audio())]
 
     async def _video(self):
-        while True:
-            received = await self.viewer.video.get()
+        while (received := await self.viewer.video.get()).frame is not None:
             picture = received.frame.to_ndarray(format="gray") if self.keep_video else None
             self.video.append((picture, received.arrived))
 
     async def _audio(self):
-        while True:
-            received = await self.viewer.audio.get()
+        while (received := await self.viewer.audio.get()).frame is not None:
             self.audio.append((received.frame.to_ndarray().astype(np.float32) / 32768, received.arrived))
 
     def idle_picture(self) -> np.ndarray:
         return self.video[-1][0]
+
+    def speech_frames(self, idle: np.ndarray, since: float = 0.0) -> list[tuple[int, float]]:
+        """(index, arrival) of every frame since `since` that is neither the idle picture nor the
+        frame before it again (a hold, while generation catches up)."""
+        return [(i, at) for i, (picture, at) in enumerate(self.video)
+                if at >= since and blocks_changed(picture, idle) > SPEECH_CHANGE
+                and blocks_changed(picture, self.video[i - 1][0]) > 2]
+
+    def gaps(self, idle: np.ndarray, frames: list[tuple[int, float]]) -> list[int]:
+        """Frames between the first and the last of `frames` that show the avatar's own face."""
+        return [i for i in range(frames[0][0], frames[-1][0]) if blocks_changed(self.video[i][0], idle) <= 12]
 
     def first_speech_frame(self, idle: np.ndarray, since: float) -> float | None:
         return next((at for picture, at in self.video if at >= since and blocks_changed(picture, idle) > SPEECH_CHANGE),

@@ -43,7 +43,7 @@ class SessionError(RuntimeError):
 
 @dataclass
 class Received:
-    frame: av.VideoFrame | av.AudioFrame
+    frame: av.VideoFrame | av.AudioFrame | None  # None: the track ended (the connection closed)
     arrived: float  # time.monotonic() when its first RTP packet arrived
     rtp_timestamp: int  # the sender's RTP timestamp (video 90 kHz, audio 48 kHz)
 
@@ -92,9 +92,12 @@ class AvatarSession:
 
     async def speech(self, sample_rate: int = 16000) -> Speech:
         """The session's speech socket (one at a time per session)."""
+        # The cookies of this session's answers go along: behind a load balancer with cookie
+        # affinity they are what brings the socket to the replica that holds the session.
+        cookies = "; ".join(f"{name}={value}" for name, value in self.http.cookies.items())
         speech = Speech(await websockets.connect(
             f"{self.url.replace('http', 'ws', 1)}/sessions/{self.id}/speech?sample_rate={sample_rate}",
-            max_size=None, open_timeout=30))
+            max_size=None, open_timeout=30, additional_headers={"Cookie": cookies} if cookies else None))
         self.speeches.append(speech)
         return speech
 
@@ -119,7 +122,8 @@ class AvatarSession:
 
 
 class Viewer:
-    """A WHEP viewer: `video` and `audio` are queues of `Received` frames."""
+    """A WHEP viewer: `video` and `audio` are queues of `Received` frames (a frame of None
+    when the track has ended)."""
 
     def __init__(self, session: AvatarSession):
         self.session = session
@@ -153,7 +157,7 @@ class Viewer:
                     out.get_nowait()
                 out.put_nowait(Received(frame, arrivals.at(timestamp), timestamp))
         except MediaStreamError:
-            pass
+            out.put_nowait(Received(None, time.monotonic(), 0))
 
     async def close(self, delete: bool = True) -> None:
         if delete and self.location:

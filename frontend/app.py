@@ -19,6 +19,38 @@ from frontend.routes import avatars, generation, health, live, page, sessions
 from frontend.services import Services
 from frontend.settings import Settings
 
+ENVELOPE = 2**16  # what multipart adds around an upload of the limit's size
+
+
+class BodyLimit:
+    """Every request body is held to `limit` bytes while it streams: one that declares a
+    larger Content-Length is refused before it is read; one that does not (chunked) is
+    refused as soon as it passes the limit, so no more than that is read (and spooled to
+    disk by the form parser). Both are a JSON 413."""
+
+    def __init__(self, app, limit: int, megabytes: float):
+        self.app, self.limit, self.megabytes = app, limit, megabytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            response = errors.error_response(413, f"the upload is {int(length) / 2**20:.1f} MB; the limit "
+                                                  f"is {self.megabytes:g} MB", headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise errors.UploadTooLarge(f"the upload is over the {self.megabytes:g} MB limit")
+            return message
+
+        await self.app(scope, counted, send)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     services = Services.create(settings or Settings())
@@ -41,14 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     errors.install(app)
 
-    @app.middleware("http")
-    async def refuse_large_uploads(request: Request, call_next):
-        # Before the body is read: a declared length over the limit never reaches a route.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > services.upload_limit + 2**16:
-            return errors.error_response(413, f"the upload is {int(length) / 2**20:.1f} MB; the limit "
-                                              f"is {services.settings.max_upload_mb:g} MB")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=services.upload_limit + ENVELOPE, megabytes=services.settings.max_upload_mb)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -23,10 +23,11 @@ from client.errors import (
     TritonClientError,
 )
 from frontend import metrics
+from frontend.admission import Overloaded
 from frontend.avatars.media import MediaError, MediaTooLarge
-from frontend.avatars.store import AvatarError, AvatarExists, AvatarNotFound
-from frontend.generation.live import LiveError, LiveTooLong, TooManySessions
-from frontend.sessions.registry import SessionNotFound
+from frontend.avatars.store import AvatarChanged, AvatarError, AvatarExists, AvatarNotFound
+from frontend.generation.live import LiveError, LiveIdle, LiveTooLong, TooManySessions
+from frontend.sessions.registry import SessionNotFound, SpeechSocketBusy
 from frontend.sessions.segments import SegmentTooLong
 from frontend.sessions.viewers import OfferError
 from frontend.speech.audio import AudioError
@@ -34,8 +35,15 @@ from frontend.speech.audio import AudioError
 log = logging.getLogger("musetalk.frontend")
 
 
-class UploadTooLarge(ValueError):
-    """An uploaded file over MUSETALK_MAX_UPLOAD_MB."""
+class UploadTooLarge(HTTPException):
+    """A body or an uploaded file over MUSETALK_MAX_UPLOAD_MB. An HTTPException, so that the
+    form parser, which turns any other failure of the body into a 400, lets it through."""
+
+    def __init__(self, message: str):
+        super().__init__(413, message)
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class UnsupportedMediaType(ValueError):
@@ -55,11 +63,15 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     AvatarError: (422, ""),
     AvatarNotFound: (404, ""),
     AvatarExists: (409, ""),
+    AvatarChanged: (409, ""),
     InvalidInput: (422, ""),
     LiveError: (422, ""),
     LiveTooLong: (413, ""),
+    LiveIdle: (408, ""),
     TooManySessions: (429, ""),
+    Overloaded: (429, ""),
     SessionNotFound: (404, ""),
+    SpeechSocketBusy: (409, ""),
     SegmentTooLong: (413, ""),
     OfferError: (400, ""),
     UnsupportedMediaType: (415, ""),
@@ -71,8 +83,8 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
 }
 
 
-def error_response(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def error_response(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def status_of(error: BaseException) -> tuple[int, str]:
@@ -102,7 +114,12 @@ def install(app: FastAPI) -> None:
         status, message = status_of(error)
         if status >= 500:
             log.warning("%s", message)
-        return error_response(status, message)
+        response = error_response(status, message)
+        if getattr(error, "retry_after", None):  # 429: when a retry should fit
+            response.headers["Retry-After"] = str(error.retry_after)
+        if isinstance(error, UploadTooLarge):  # the rest of the body is not wanted: the connection ends
+            response.headers["Connection"] = "close"
+        return response
 
     for kind in STATUS:
         app.add_exception_handler(kind, from_table)

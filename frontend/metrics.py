@@ -55,3 +55,11 @@ def triton_error(error: BaseException) -> None:
 
     if isinstance(error, TritonClientError):
         TRITON_ERRORS.labels(type(error).__name__).inc()
+
+ADMISSIONS = Counter("musetalk_admissions", "Admission control: requests admitted at once or after a wait, "
+                     "queued (they waited), refused with 429, by kind (generation, preparation, session)",
+                     ["kind", "result"])
+ADMISSION_IN_USE = Gauge("musetalk_admission_in_use", "Units of work in progress (generation: frames; "
+                         "preparation: jobs)", ["kind"])
+ADMISSION_CAPACITY = Gauge("musetalk_admission_capacity", "Units of work a front end runs at once", ["kind"])
+ADMISSION_WAITING = Gauge("musetalk_admission_waiting", "Requests waiting to be admitted", ["kind"])

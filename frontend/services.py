@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from fastapi import UploadFile
 from starlette.requests import HTTPConnection
 
 from client import MuseTalkClient
+from contract import specs
 from contract.layout import SYNTHETIC_KEY
+from frontend.admission import Admission
 from frontend.avatars import preparation
 from frontend.avatars import store as avatars
 from frontend.avatars.jobs import Job, Jobs
@@ -41,6 +44,8 @@ class Services:
     jobs: Jobs
     live_slots: threading.BoundedSemaphore  # conversational sessions and /ws/live sessions together
     sessions: Sessions
+    generations: Admission  # POST /onnx-infer, whole and streamed, by frames
+    readiness: Readiness | None = None
     _default_thread: threading.Thread | None = None  # preparing the default avatar (waits for Triton)
     _default_error: str | None = None  # why that failed before its job existed
 
@@ -54,8 +59,11 @@ class Services:
         slots = threading.BoundedSemaphore(settings.max_live_sessions)
         sessions = Sessions(client, slots, settings.max_live_sessions, settings.session_idle_seconds,
                             settings.ice_servers, IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP))
-        services = cls(settings, client, store, None, slots, sessions)
-        services.jobs = Jobs(store, services._prepare, status_of)
+        generations = Admission("generation", settings.max_frames_in_progress, settings.admission_queue,
+                                settings.admission_wait_seconds, "frames")
+        services = cls(settings, client, store, None, slots, sessions, generations)
+        services.jobs = Jobs(store, services._prepare, status_of, settings.max_preparations)
+        services.readiness = Readiness(services._readiness_problem)
         return services
 
     def session_options(self, fps: int, **overrides) -> SessionOptions:
@@ -73,6 +81,7 @@ class Services:
         self.jobs.start()
         self.jobs.resume_interrupted()
         self.start_default_avatar()
+        self.readiness.start()
         threading.Thread(target=_warm_up, args=(self.store,), name="warm-up", daemon=True).start()
 
     # -- uploads --------------------------------------------------------------------------
@@ -90,6 +99,8 @@ class Services:
     # -- avatars --------------------------------------------------------------------------
     def avatar(self, avatar_id: str | None) -> avatars.Avatar:
         """The avatar a request asks for (default: the configured one)."""
+        if not avatar_id and not self.settings.default_avatar:
+            raise avatars.AvatarError("name an avatar (avatar_id): this service has no default avatar")
         wanted = avatars.check_id(avatar_id or self.settings.default_avatar)
         if not self.store.exists(wanted):
             job = self.jobs.status(wanted)
@@ -110,6 +121,15 @@ class Services:
 
         return preparation.prepare(job.avatar_id, media, encode, job.staging, params["bbox_shift"],
                                    params["extra_margin"], progress, cancelled)
+
+    def _readiness_problem(self) -> str | None:
+        """What keeps the service from serving its default request (None: nothing)."""
+        if not self.client.server_ready():
+            return f"Triton at {self.settings.triton_url} is not reachable or not ready"
+        waiting = [m for m in specs.MODELS if not self.client.model_ready(m)]
+        if waiting:
+            return f"models not ready: {', '.join(waiting)}"
+        return self.default_problem()
 
     def default_problem(self) -> str | None:
         """Why the configured default avatar cannot serve yet (for /readyz); None if it can,
@@ -164,8 +184,45 @@ class Services:
         return {"true": True, "false": False}.get(value)
 
     def close(self) -> None:
+        self.readiness.close()
         self.jobs.close()
         self.client.close()
+
+
+class Readiness:
+    """`check()` run by a thread of its own every EVERY_S seconds (it asks Triton, which
+    may take seconds when it is away): /readyz reads the last answer, never waits for one."""
+
+    EVERY_S = 1.0
+    STALE_S = 30.0
+
+    def __init__(self, check):
+        self.check = check
+        self.last: tuple[float, str | None] = (0.0, "not checked yet")
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="readiness", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def problem(self) -> str | None:
+        checked, problem = self.last
+        if time.monotonic() - checked > self.STALE_S and checked:
+            return f"the readiness check has not answered for {time.monotonic() - checked:.0f} s"
+        return problem
+
+    def _run(self) -> None:
+        while True:
+            try:
+                problem = self.check()
+            except Exception as error:  # noqa: BLE001 - a failing check is a reason, not a crash
+                problem = f"readiness check failed: {error}"
+            self.last = (time.monotonic(), problem)
+            if self._stop.wait(self.EVERY_S):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def describe_job(job: dict | None) -> str:

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     triton_url: str = Field("localhost:8001", description="Triton's gRPC (or HTTP) host:port")
     triton_protocol: Literal["grpc", "http"] = "grpc"
     avatar_dir: Path = Field(Path("data/avatars"), description="where prepared avatars are stored")
-    default_avatar: str = "default"
+    default_avatar: str = Field("default", description="the avatar of requests that name none (empty: none, "
+                                "and such requests are refused)")
     default_avatar_source: str = Field(
         "", description="an image or video prepared as the default avatar at start-up when missing")
     max_audio_seconds: float = Field(120.0, gt=0)
@@ -38,9 +39,18 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request")
     in_flight: int = Field(4, ge=1, description="batches kept in flight per request")
     x264_preset: str = "veryfast"
+    max_frames_in_progress: int = Field(
+        1500, ge=1, description="admission: frames (seconds x fps of the clips) generated at once by POST "
+                                "/onnx-infer; more requests wait (up to admission_queue) or get 429")
+    admission_queue: int = Field(8, ge=0, description="requests that may wait for admission")
+    admission_wait_seconds: float = Field(10.0, ge=0, description="how long a request waits for admission")
+    max_preparations: int = Field(
+        4, ge=1, description="avatar preparations queued or running in one front end; more get 429")
     max_live_sessions: int = Field(
         16, ge=1, description="live sessions at once: conversational sessions and WebSocket /ws/live together")
     max_live_seconds: float = Field(600.0, gt=0, description="speech per live session")
+    live_idle_seconds: float = Field(
+        30.0, gt=0, description="a /ws/live client that sends nothing for this long is closed (4408)")
     max_live_lag_seconds: float = Field(
         10.0, gt=0, description="stop reading a live session's audio while its video trails it by more")
     session_idle_seconds: float = Field(

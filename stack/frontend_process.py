@@ -13,6 +13,8 @@ from pathlib import Path
 from client.readiness import wait_for
 from triton_local.server import BUILD, ServerError, die_with_parent, http_ok
 
+WS_MAX_SIZE = 2 << 20  # WebSocket messages above 2 MiB (decompressed) are refused by uvicorn itself (1009)
+
 
 class FrontEnd:
     """uvicorn serving frontend.app in its own process."""
@@ -31,7 +33,7 @@ class FrontEnd:
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "frontend.app:create_app",
-                 "--host", self.host, "--port", str(self.port)],
+                 "--host", self.host, "--port", str(self.port), "--ws-max-size", str(WS_MAX_SIZE)],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent,
             )
         if wait_for(lambda: http_ok(f"{self.url}/healthz"), timeout, 0.2,

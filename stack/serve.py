@@ -44,17 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080, help="the front end's HTTP port")
     args = p.parse_args(argv)
 
-    repository = ensure_exported(args.profile, args.onnx_repository)
-    if repository is None:
+    stack = start(args.profile, args.onnx_repository, args.port)
+    if stack is None:
         return 1
-    server = start_triton(repository, Ports())
-    avatars = BUILD / f"avatars-{args.profile}"
-    frontend = FrontEnd(server.grpc_url, args.port, env={
-        "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(),
-        "MUSETALK_AVATAR_DIR": os.environ.get("MUSETALK_AVATAR_DIR", str(avatars)),
-    })
+    server, frontend = stack
     try:
-        frontend.start()
         print(f"front end: {frontend.url}  (the page at {frontend.url}/, API docs at {frontend.url}/docs; "
               f"log {frontend.log_file})\nCtrl-C stops both.", flush=True)
         if serve_until_stopped(frontend.process, server.process):
@@ -64,6 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         frontend.stop()
         server.stop()
+
+
+def start(profile: str, onnx_repository: Path | None = None, port: int = 8080):
+    """The local Triton and the front end, both started (exporting first when needed);
+    None if the export failed."""
+    repository = ensure_exported(profile, onnx_repository)
+    if repository is None:
+        return None
+    server = start_triton(repository, Ports())
+    avatars = BUILD / f"avatars-{profile}"
+    frontend = FrontEnd(server.grpc_url, port, env={
+        "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(),
+        "MUSETALK_AVATAR_DIR": os.environ.get("MUSETALK_AVATAR_DIR", str(avatars)),
+    })
+    try:
+        frontend.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server, frontend
 
 
 if __name__ == "__main__":

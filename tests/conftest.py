@@ -7,6 +7,9 @@ scikit-image; the speech was spoken by espeak-ng.
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import cv2
 import numpy as np
 import pytest
@@ -73,3 +76,39 @@ def frontend_server(triton, tmp_path_factory, face_png):
     assert server.wait_until_ready(180), f"the front end never became ready; see {server.log_file}"
     yield server
     server.stop()
+
+
+CHROMIUM = shutil.which("chromium")  # where the Makefile looks: on the PATH
+OPT_OUT = "MUSETALK_SKIP_BROWSER_TESTS"
+FAKE_MICROPHONE = BUILD / "microphone.wav"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's package) under Playwright, with a fake microphone that
+    speaks the speech fixture. Missing Chromium fails the page tests, unless the run opts out
+    with MUSETALK_SKIP_BROWSER_TESTS=1 (then they are skipped, saying so).
+    Module-scoped: Playwright's sync API runs an event loop in this thread while it is open."""
+    if CHROMIUM is None:
+        message = "the page tests need Debian's `chromium` package on the PATH (apt-get install chromium)"
+        if os.environ.get(OPT_OUT) == "1":
+            pytest.skip(f"{message}; skipped because {OPT_OUT}=1")
+        pytest.fail(f"{message}, or set {OPT_OUT}=1 to skip them")
+    import soundfile
+    from playwright.sync_api import sync_playwright
+
+    samples, rate = soundfile.read(str(SPEECH), dtype="int16")
+    FAKE_MICROPHONE.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(FAKE_MICROPHONE), samples, rate, subtype="PCM_16")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={FAKE_MICROPHONE}",
+        ])
+        yield browser
+        browser.close()
+
+

@@ -44,6 +44,14 @@ METRICS = {
     "musetalk_live_sessions": "gauge",
     "musetalk_streams_active": "gauge",
     "musetalk_live_latency_seconds": "histogram",
+    "musetalk_sessions": "gauge",
+    "musetalk_session_viewers": "gauge",
+    "musetalk_session_frames_total": "counter",
+    "musetalk_session_speech_start_seconds": "histogram",
+    "musetalk_admissions_total": "counter",
+    "musetalk_admission_in_use": "gauge",
+    "musetalk_admission_capacity": "gauge",
+    "musetalk_admission_waiting": "gauge",
 }
 
 
@@ -288,6 +296,9 @@ def test_frontend_settings_are_real_and_reach_triton(name, monkeypatch):
     service = component(docs, "Service", "triton")
     assert host == service["metadata"]["name"]
     assert int(port) == {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+    # /readyz promises that the default request works: a default avatar is either prepared at
+    # start-up from a source (and waited for), or there is none and requests must name one.
+    assert bool(settings.default_avatar) == bool(settings.default_avatar_source)
 
 
 @pytest.mark.parametrize("name", RENDERS)
@@ -308,7 +319,7 @@ def mebibytes(size: str) -> float:
 
 
 @pytest.mark.parametrize("name", RENDERS)
-def test_ingress_allows_websockets_uploads_and_streaming(name, monkeypatch):
+def test_ingress_allows_websockets_uploads_streaming_and_session_affinity(name, monkeypatch):
     docs = render(name)
     settings = settings_of(docs, monkeypatch)
     (ingress,) = of_kind(docs, "Ingress")
@@ -321,6 +332,9 @@ def test_ingress_allows_websockets_uploads_and_streaming(name, monkeypatch):
     body = mebibytes(notes["proxy-body-size"])
     assert settings.max_upload_mb + 2**-4 <= body <= settings.max_upload_mb + 2
     assert notes["proxy-buffering"] == "off"  # streamed MP4 fragments go out as they come
+    # A session's requests reach the replica that holds it.
+    assert notes["affinity"] == "cookie" and notes["affinity-mode"] == "persistent"
+    assert notes["session-cookie-name"] and notes["session-cookie-path"] == "/"
     (rule,) = ingress["spec"]["rules"]
     (path,) = rule["http"]["paths"]
     backend = path["backend"]["service"]

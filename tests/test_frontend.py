@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import av
@@ -148,7 +149,10 @@ def assert_still_serving(api, speech_bytes):
 
 
 def no_leftovers(settings) -> bool:
-    return not list(settings.avatar_dir.glob(".staging-*"))
+    """Nothing half-made in the store: no upload or staging folder left by a job (a failed job
+    keeps only its job.json, to say why, for an hour), no trash."""
+    store = settings.avatar_dir
+    return not [*store.glob(".jobs/*/upload"), *store.glob(".jobs/*/staging"), *store.glob(".trash-*")]
 
 
 @pytest.mark.parametrize("case, status, message", [
@@ -203,6 +207,7 @@ def _long_wav(seconds: int) -> bytes:
     ("not media", "junk", 422, "cannot read the avatar file"),
     ("face", "../evil", 422, "invalid avatar id"),
     ("face", "has space", 422, "invalid avatar id"),
+    ("face", "trailing\n", 422, "invalid avatar id"),
 ])
 def test_bad_avatars_are_clear_json_errors(api, settings, face_png, speech_bytes,
                                            upload, avatar_id, status, message):
@@ -214,6 +219,11 @@ def test_bad_avatars_are_clear_json_errors(api, settings, face_png, speech_bytes
     assert not (settings.avatar_dir / avatar_id).exists()  # for "../evil": nothing beside the store
     assert no_leftovers(settings)
     assert_still_serving(api, speech_bytes)
+
+
+def test_ids_with_a_trailing_newline_are_invalid_not_unknown(api):
+    response = api.get("/avatars/abc%0A")
+    assert response.status_code == 422 and "invalid avatar id" in response.json()["error"]
 
 
 def test_video_without_faces_names_the_frames(api):
@@ -237,15 +247,23 @@ def test_triton_down_is_503_and_recovers_without_restart(api, settings, speech_b
     ports = Ports.free()
     down = Settings(triton_url=f"localhost:{ports.grpc}", avatar_dir=settings.avatar_dir)
     with TestClient(create_app(down)) as down_api:
-        ready = down_api.get("/readyz")
+        ready = readiness(down_api, lambda r: "not checked yet" not in r.text)
         assert ready.status_code == 503 and "not reachable" in ready.json()["error"]
         failed = post_speech(down_api, speech_bytes)
         assert failed.status_code == 503 and "unavailable" in failed.json()["error"]
 
         # The server comes up on the address the front end was given.
         with LocalTriton(triton.repository, ports, log_file=triton.log_file.with_name("triton-2.log")):
-            assert down_api.get("/readyz").status_code == 200
+            assert readiness(down_api, lambda r: r.status_code == 200).status_code == 200
             assert post_speech(down_api, speech_bytes, skip_save_images="true").status_code == 200
+
+
+def readiness(api, until, timeout: float = 10.0):
+    """/readyz once `until(answer)` (it reports a check made every second in the background)."""
+    deadline = time.monotonic() + timeout
+    while not until(answer := api.get("/readyz")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return answer
 
 
 def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_png, speech_bytes,
@@ -265,7 +283,7 @@ def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_p
     settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars",
                         default_avatar="house", default_avatar_source=str(photo))
     with TestClient(create_app(settings)) as api:
-        not_yet = api.get("/readyz")
+        not_yet = readiness(api, lambda r: "not checked yet" not in r.text)
         assert not_yet.status_code == 503 and "still being prepared" in not_yet.json()["error"]
         early = api.post("/onnx-infer", data={"skip_save_images": "true"},
                          files={"audio_file": ("speech.flac", speech_bytes)})
@@ -292,7 +310,8 @@ def test_a_default_avatar_that_cannot_be_prepared_says_why(triton, tmp_path, spe
                         default_avatar="house", default_avatar_source=str(photo))
     with TestClient(create_app(settings)) as api:
         deadline = time.monotonic() + 60
-        while "still being prepared" in (ready := api.get("/readyz").json()["error"]):
+        while any(words in (ready := api.get("/readyz").json()["error"])
+                  for words in ("still being prepared", "not checked yet")):
             assert time.monotonic() < deadline, "still being prepared after 60 s"
             time.sleep(0.2)
         assert "could not be prepared" in ready and ("portrait.png" in ready or "face" in ready)

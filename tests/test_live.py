@@ -122,6 +122,10 @@ def test_clients_that_leave_mid_session_free_their_slot(frontend_server, triton)
         while live_sessions_open(frontend_server.url) > 0:
             assert time.monotonic() < deadline, "a session outlived its client"
             time.sleep(0.1)
+    with MuseTalkClient(triton.grpc_url) as client:  # and nothing of theirs still runs on Triton
+        settled = int(client.statistics("vae_decoder").get("inference_count", 0))
+        time.sleep(1.5)
+        assert int(client.statistics("vae_decoder").get("inference_count", 0)) == settled
     result = live_session(frontend_server.url, data, rate)
     assert result["messages"][-1]["type"] == "done"
     assert live_sessions_open(frontend_server.url) == 0

@@ -2,8 +2,6 @@
 uvicorn process and the real local Triton. Screenshots land in build/test/."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import numpy as np
@@ -11,40 +9,6 @@ import pytest
 import soundfile
 
 from support import BUILD, SPEECH
-
-CHROMIUM = shutil.which("chromium")  # where the Makefile looks: on the PATH
-OPT_OUT = "MUSETALK_SKIP_BROWSER_TESTS"
-FAKE_MICROPHONE = BUILD / "microphone.wav"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium (Debian's package) under Playwright, with a fake microphone that
-    speaks the speech fixture. Missing Chromium fails the page tests, unless the run opts out
-    with MUSETALK_SKIP_BROWSER_TESTS=1 (then they are skipped, saying so).
-    Module-scoped: Playwright's sync API runs an event loop in this thread while it is open."""
-    if CHROMIUM is None:
-        message = "the page tests need Debian's `chromium` package on the PATH (apt-get install chromium)"
-        if os.environ.get(OPT_OUT) == "1":
-            pytest.skip(f"{message}; skipped because {OPT_OUT}=1")
-        pytest.fail(f"{message}, or set {OPT_OUT}=1 to skip them")
-    import soundfile
-    from playwright.sync_api import sync_playwright
-
-    samples, rate = soundfile.read(str(SPEECH), dtype="int16")
-    FAKE_MICROPHONE.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(FAKE_MICROPHONE), samples, rate, subtype="PCM_16")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={FAKE_MICROPHONE}",
-        ])
-        yield browser
-        browser.close()
-
 
 LONG_SPEECH = BUILD / "speech_x3.wav"  # 16.7 s: long enough to interrupt
 

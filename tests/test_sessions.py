@@ -19,6 +19,7 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from benchmarks.conversation import Watch, blocks_changed
 from client import MuseTalkClient
 from client.sessions import AvatarSession
 from support import SPEECH
@@ -40,55 +41,6 @@ def speech_pcm(repeat: int = 1) -> tuple[bytes, float]:
     start = int(np.argmax(np.abs(samples) > 0.02))
     samples = np.tile(samples[start:], repeat)
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes(), len(samples) / 16000
-
-
-def blocks_changed(frame: np.ndarray, idle: np.ndarray, block: int = 16) -> float:
-    """The largest mean difference of any 16x16 block between two luma planes."""
-    h, w = (idle.shape[0] // block) * block, (idle.shape[1] // block) * block
-    diff = np.abs(frame[:h, :w].astype(np.int16) - idle[:h, :w]).reshape(h // block, block, w // block, block)
-    return float(diff.mean(axis=(1, 3)).max())
-
-
-def luma(received) -> np.ndarray:
-    return received.frame.to_ndarray(format="gray")
-
-
-class Watch:
-    """Collects a viewer's video frames (luma, arrival) and audio frames (samples, arrival)."""
-
-    def __init__(self, viewer):
-        self.viewer, self.video, self.audio = viewer, [], []
-        self.task = asyncio.ensure_future(self._collect())
-
-    async def _collect(self):
-        async def video():
-            while True:
-                received = await self.viewer.video.get()
-                self.video.append((luma(received), received.arrived))
-
-        async def audio():
-            while True:
-                received = await self.viewer.audio.get()
-                self.audio.append((received.frame.to_ndarray().astype(np.float32) / 32768, received.arrived))
-
-        await asyncio.gather(video(), audio())
-
-    def speech_frames(self, idle: np.ndarray, since: float = 0.0) -> list[tuple[int, float]]:
-        """(index, arrival) of every frame since `since` that is neither the idle picture nor the
-        frame before it again (a hold, while generation catches up)."""
-        return [(i, at) for i, (picture, at) in enumerate(self.video)
-                if at >= since and blocks_changed(picture, idle) > 12
-                and blocks_changed(picture, self.video[i - 1][0]) > 2]
-
-    def gaps(self, idle: np.ndarray, frames: list[tuple[int, float]]) -> list[int]:
-        """Frames between the first and the last of `frames` that show the avatar's own face."""
-        return [i for i in range(frames[0][0], frames[-1][0]) if blocks_changed(self.video[i][0], idle) <= 12]
-
-    def audio_onset(self, since: float) -> float:
-        return next(at for samples, at in self.audio if at >= since and np.abs(samples).max() > 0.02)
-
-    def stop(self):
-        self.task.cancel()
 
 
 async def open_watched(url: str, fps: int = SPEAKING_FPS, **options):
@@ -311,6 +263,13 @@ def test_bad_session_requests_are_clear_errors(frontend_server):
             with pytest.raises(ConnectionClosed) as closed:
                 socket.recv()
         assert message in error["error"] and closed.value.rcvd.code == code
+    with connect(ws + session["speech"]) as first, connect(ws + session["speech"]) as second:
+        error = json.loads(second.recv())
+        with pytest.raises(ConnectionClosed) as closed:
+            second.recv()
+        first.send(b"\0\0" * 160)  # the first one still works
+    assert "already has a speech socket" in error["error"] and closed.value.rcvd.code == 4409
+    time.sleep(0.3)  # the server has seen the first one go
     with connect(ws + session["speech"]) as socket:
         socket.send("hello")
         with pytest.raises(ConnectionClosed) as closed:
@@ -350,3 +309,27 @@ def test_a_session_nobody_watches_or_speaks_to_ends_by_itself(triton, tmp_path, 
         assert api.get(f"/sessions/{session['id']}").status_code == 200
         time.sleep(3)
         assert api.get(f"/sessions/{session['id']}").status_code == 404
+
+
+def test_an_offer_without_h264_is_answered_in_vp8(frontend_server):
+    """A WHEP player that cannot take H.264 gets VP8: the same session, another encoding."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+
+    async def scenario():
+        session = await AvatarSession.open(frontend_server.url, fps=FPS)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        video = pc.addTransceiver("video", direction="recvonly")
+        video.setCodecPreferences([c for c in RTCRtpReceiver.getCapabilities("video").codecs if c.name == "VP8"])
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient(base_url=frontend_server.url) as http:
+            answer = await http.post(session.info["whep"], content=pc.localDescription.sdp,
+                                     headers={"Content-Type": "application/sdp"})
+        assert answer.status_code == 201 and "VP8/90000" in answer.text and "H264" not in answer.text
+        await pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
+        frames = [await asyncio.wait_for(video.receiver.track.recv(), 30) for _ in range(10)]
+        await pc.close()
+        await session.close()
+        return frames
+
+    frames = run(scenario())
+    assert all(frame.width == 512 for frame in frames)

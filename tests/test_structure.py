@@ -1,6 +1,6 @@
 """The layers of the project, and that no import runs back up them.
 
-    contract  <-  client  <-  frontend (the service)
+    contract  <-  client  <-  frontend (the service), musetalk_pipecat (Pipecat's avatar service)
     contract  <-  export
     contract, client  <-  triton_local (the local server)
     everything  <-  stack (the launchers), benchmarks, tests
@@ -15,13 +15,14 @@ import pytest
 
 from support import ROOT
 
-PACKAGES = ("contract", "client", "export", "triton_local", "frontend", "stack", "benchmarks")
+PACKAGES = ("contract", "client", "export", "triton_local", "frontend", "stack", "benchmarks", "musetalk_pipecat")
 ALLOWED = {
     "contract": set(),
     "client": {"contract"},
     "export": {"contract"},
     "triton_local": {"contract", "client"},
     "frontend": {"contract", "client"},
+    "musetalk_pipecat": {"contract", "client"},
     "stack": {"contract", "client", "export", "triton_local"},
     "benchmarks": {"contract", "client", "export", "triton_local", "frontend", "stack"},
 }
@@ -49,7 +50,8 @@ def test_no_import_runs_back_up_the_layers(package):
     assert not wrong, f"{package} may import only {sorted(ALLOWED[package])}: {wrong}"
 
 
-@pytest.mark.parametrize("module", ["frontend.app", "client", "contract.specs"])
+@pytest.mark.parametrize("module", ["frontend.app", "client", "client.sessions", "contract.specs",
+                                    "contract.layout", "contract.runners"])
 def test_the_service_and_the_sdk_load_nothing_heavy(module):
     """Importing the service (or the SDK) in a fresh interpreter loads no deep-learning
     framework, no exporter and no local server."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import cv2
@@ -45,12 +46,14 @@ class FramesWriter:
 
 
 class CycleReader:
-    """Frames of `path` as I420 arrays [h * 3/2, w], fastest in the cycle's order
-    (0, 1, ... n-1, n-1, ... 0, 0, 1 ...), any order allowed. Not thread-safe: one per stream."""
+    """Frames of a frames file (a path, or a file object it then owns) as I420 arrays
+    [h * 3/2, w], fastest in the cycle's order (0, 1, ... n-1, n-1, ... 0, 0, 1 ...), any order
+    allowed. Not thread-safe: one per stream."""
 
-    def __init__(self, path: Path, count: int):
-        self.path, self.count = Path(path), count
-        self.container = av.open(str(path))
+    def __init__(self, source: Path | BinaryIO, count: int):
+        self.count = count
+        self.file = source if hasattr(source, "read") else None  # closed with the reader
+        self.container = av.open(source if self.file else str(source))
         self.stream = self.container.streams.video[0]
         self.decoder = None
         self.next_index = None  # what the decoder gives next, if it is positioned
@@ -83,4 +86,6 @@ class CycleReader:
 
     def close(self) -> None:
         self.container.close()
+        if self.file:
+            self.file.close()
         self.buffer = {}

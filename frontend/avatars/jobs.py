@@ -26,17 +26,21 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from frontend import memory, metrics
+from frontend.admission import Overloaded
+from frontend.avatars.preparation import Cancelled
 from frontend.avatars.store import AvatarExists, AvatarStore
 
 log = logging.getLogger("musetalk.frontend")
 
 HEARTBEAT_S = 5.0
 STALE_S = 30.0
+FAILED_KEPT_S = 3600.0  # a failed job's reason stays readable (GET /avatars/{id}) this long
 ME = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this process, as a job owner
 
 
@@ -63,12 +67,21 @@ class Job:
         except (OSError, ValueError):
             return None
 
-    def write(self, **changes) -> dict:
-        state = {**(self.read() or {}), **changes, "heartbeat": time.time()}
+    def write(self, expect: str | None = None, **changes) -> dict:
+        """Change job.json; with `expect` (a job's token), only if it is still that job (not a new
+        one of the same id, posted after this one was cancelled): JobReplaced otherwise."""
+        current = self.read() or {}
+        if expect is not None and current.get("token") != expect:
+            raise JobReplaced(f"the job of {self.avatar_id!r} was cancelled and replaced")
+        state = {**current, **changes, "heartbeat": time.time()}
         partial = self.folder / f"job.json.{uuid.uuid4().hex[:8]}"
         partial.write_text(json.dumps(state))
         partial.replace(self.folder / "job.json")  # atomic: readers never see half a file
         return state
+
+
+class JobReplaced(Exception):
+    """A job's folder now belongs to another job of the same id."""
 
 
 def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
@@ -98,8 +111,10 @@ class Jobs:
     """The job queue of one front end. `run(job, progress, cancelled)` prepares an avatar
     into job.staging and returns its meta; failures are kept with their HTTP status."""
 
-    def __init__(self, store: AvatarStore, run: Callable, status_of: Callable[[BaseException], tuple[int, str]]):
-        self.store, self.run, self.status_of = store, run, status_of
+    def __init__(self, store: AvatarStore, run: Callable, status_of: Callable[[BaseException], tuple[int, str]],
+                 limit: int = 4):
+        self.store, self.run, self.status_of, self.limit = store, run, status_of, limit
+        self.durations: deque[float] = deque([30.0], maxlen=8)  # recent preparations' seconds
         self.root = store.root / ".jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue[str | None] = queue.Queue()
@@ -122,7 +137,17 @@ class Jobs:
 
     # -- asked by the routes --------------------------------------------------------------
     def submit(self, avatar_id: str, upload: bytes, params: dict) -> Job:
+        """Queue a preparation; Overloaded when `limit` of this front end's are queued or running
+        (each keeps its upload on the shared volume until it ends)."""
         self.store.ensure_absent(avatar_id)
+        with self.writing:
+            waiting = len(self.owned)
+        if waiting >= self.limit:
+            metrics.ADMISSIONS.labels("preparation", "refused").inc()
+            retry = sum(self.durations) / len(self.durations) * (waiting - self.limit + 1)
+            raise Overloaded(f"at capacity for avatar preparations ({waiting} queued or running here); "
+                             f"retry in about {retry:.0f} s", retry)
+        metrics.ADMISSIONS.labels("preparation", "admitted").inc()
         job = self.job(avatar_id)
         if (job.read() or {}).get("status") == "failed":
             shutil.rmtree(job.folder, ignore_errors=True)  # a new try replaces a failed one
@@ -133,7 +158,7 @@ class Jobs:
         job.upload.write_bytes(upload)
         with self.writing:
             job.write(id=avatar_id, status="queued", stage="queued", frames_done=0, frames_total=None,
-                      params=params, owner=ME, created=time.time())
+                      params=params, owner=ME, created=time.time(), token=uuid.uuid4().hex)
             self.owned.add(avatar_id)
         self.queue.put(avatar_id)
         return job
@@ -165,7 +190,10 @@ class Jobs:
                 self.owned.discard(avatar_id)
                 shutil.rmtree(job.folder, ignore_errors=True)  # nothing runs it: its worker will find it gone
             return True
-        (job.folder / "cancel").touch()
+        try:
+            (job.folder / "cancel").touch()
+        except FileNotFoundError:
+            return False  # it has just ended: published (the caller deletes it) or gone
         if state.get("owner") == ME:  # ours: wait until it has stopped, so a new POST may follow
             self.wait(avatar_id, 30, lambda s: s is None)
         return True
@@ -194,6 +222,18 @@ class Jobs:
             log.info("resuming the preparation of %s", ", ".join(resumed))
         return resumed
 
+    def forget_failed(self) -> list[str]:
+        """Remove failed jobs older than FAILED_KEPT_S: their reason was there to be read, and
+        their folders (only job.json: the upload and staging went when they failed) add up."""
+        forgotten = []
+        for folder in sorted(self.root.iterdir()):
+            state = Job(folder.name, folder).read() or {}
+            if state.get("status") == "failed" and time.time() - state.get("failed", state.get("heartbeat", 0)) \
+                    > FAILED_KEPT_S:
+                shutil.rmtree(folder, ignore_errors=True)
+                forgotten.append(folder.name)
+        return forgotten
+
     def _claim(self, avatar_id: str) -> bool:
         """Take over a job whose owner is gone; exclusive across replicas."""
         job = self.job(avatar_id)
@@ -213,6 +253,7 @@ class Jobs:
                 avatar_id = self.queue.get(timeout=STALE_S)
             except queue.Empty:
                 self.resume_interrupted()  # jobs of a replica that died
+                self.forget_failed()
                 continue
             if avatar_id is None:
                 return
@@ -227,13 +268,13 @@ class Jobs:
         if state is None or state.get("owner") != ME:
             self._disown(job)
             return  # cancelled meanwhile, or taken over
-        last = [0.0]
+        token, last = state.get("token"), [0.0]
 
         def progress(stage: str, done: int, total: int) -> None:
             if time.monotonic() - last[0] > 0.5 or done == total:
                 last[0] = time.monotonic()
                 with self.writing:
-                    job.write(status="preparing", stage=stage, frames_done=done, frames_total=total)
+                    job.write(token, status="preparing", stage=stage, frames_done=done, frames_total=total)
 
         def stopped() -> bool:  # asked to stop, or the job was removed (a queued job's cancel)
             return job.cancel_requested or not job.folder.exists()
@@ -243,16 +284,33 @@ class Jobs:
             shutil.rmtree(job.staging, ignore_errors=True)  # what an interrupted run left
             job.staging.mkdir()
             with self.writing:
-                job.write(status="preparing", stage="starting")
+                job.write(token, status="preparing", stage="starting")
             meta = self.run(job, progress, stopped)
             (job.staging / "meta.json").write_text(json.dumps(meta, indent=1))
             self._disown(job)
+            if stopped():
+                raise Cancelled()  # cancelled while the last frames were encoded or saved
+            if (job.read() or {}).get("token") != token:
+                raise JobReplaced(f"the job of {job.avatar_id!r} was cancelled and replaced")
             self.store.publish(job.avatar_id, job.staging)
+            if job.cancel_requested:  # cancelled as it was published: the cancel wins
+                self.store.delete(job.avatar_id)
+                raise Cancelled()
             shutil.rmtree(job.folder, ignore_errors=True)
             metrics.PREPARATIONS.labels("ready").inc()
             metrics.PREPARATION_SECONDS.observe(time.monotonic() - started)
+            self.durations.append(time.monotonic() - started)
             log.info("avatar %r prepared (%d frames, %d without a face)", job.avatar_id, meta["frames"],
                      meta["faceless_frames"])
+        except JobReplaced:  # cancelled, and the id posted again: the folder is the new job's now
+            metrics.PREPARATIONS.labels("cancelled").inc()
+            log.info("preparation of avatar %r cancelled (and posted again)", job.avatar_id)
+        except Cancelled:
+            self._disown(job)
+            if job.cancel_requested:
+                shutil.rmtree(job.folder, ignore_errors=True)
+            metrics.PREPARATIONS.labels("cancelled").inc()
+            log.info("preparation of avatar %r cancelled", job.avatar_id)
         except Exception as error:  # noqa: BLE001 - the job records why; the service runs on
             self._disown(job)
             if stopped():
@@ -260,11 +318,11 @@ class Jobs:
                 metrics.PREPARATIONS.labels("cancelled").inc()
                 log.info("preparation of avatar %r cancelled", job.avatar_id)
             else:
-                self._fail(job, error)
+                self._fail(job, error, token)
         finally:
             memory.release()  # every frame of the upload passed through this process
 
-    def _fail(self, job: Job, error: Exception) -> None:
+    def _fail(self, job: Job, error: Exception, token: str | None) -> None:
         metrics.PREPARATIONS.labels("failed").inc()
         metrics.triton_error(error)
         status, message = self.status_of(error)
@@ -272,11 +330,12 @@ class Jobs:
         log.warning("preparation of avatar %r failed: %s", job.avatar_id, message,
                     exc_info=error if status >= 500 else None)
         try:
-            job.write(status="failed", stage="failed", error=message, http_status=status)
+            job.write(token, status="failed", stage="failed", error=message, http_status=status,
+                      failed=time.time())
             job.upload.unlink(missing_ok=True)
             shutil.rmtree(job.staging, ignore_errors=True)
-        except OSError:
-            pass  # removed meanwhile (cancelled): nothing to record
+        except (OSError, JobReplaced):
+            pass  # removed (cancelled) or replaced meanwhile: nothing to record
 
     def _disown(self, job: Job) -> None:
         """The job ends here: after this, no heartbeat of ours writes into its folder."""

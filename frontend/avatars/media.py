@@ -3,7 +3,9 @@
 Frames are decoded as they are used (never all at once), upright (the display
 rotation phone videos record is applied), cropped to even sizes (H.264's
 yuv420p needs them), and refused before anything is decoded when they are
-over the pixel limit. A video longer than the duration limit is used up to it.
+over the pixel limit; a stream whose frames change size later is refused at
+that frame, before it is converted. A video longer than the duration limit is
+used up to it.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Media:
     rotation: int = 0  # degrees the display matrix turns the picture
     trimmed_from_seconds: float | None = None  # the video's length, when it was cut
     image: np.ndarray | None = None  # an image's one frame
+    max_pixels: int | None = None
 
     def read(self) -> Iterator[np.ndarray]:
         """The frames, BGR, upright and even-sized, decoded one at a time."""
@@ -70,6 +73,7 @@ class Media:
                 for frame in container.decode(video=0):
                     if count >= self.frames:
                         break
+                    self._check_size(frame, count)
                     yield _even(_upright(frame.to_ndarray(format="bgr24"), self.rotation))
                     count += 1
             except av.error.InvalidDataError:
@@ -77,6 +81,15 @@ class Media:
                     raise MediaError("cannot decode the avatar video") from None
         if not count:
             raise MediaError("the avatar video holds no frames")
+
+
+    def _check_size(self, frame: av.VideoFrame, index: int) -> None:
+        """The header's size was checked; a stream may still change its frames' size later."""
+        check_pixels(frame.width, frame.height, self.max_pixels, f"video's frame {index}")
+        width, height = (frame.height, frame.width) if self.rotation % 180 else (frame.width, frame.height)
+        if (width - width % 2, height - height % 2) != (self.width, self.height):
+            raise MediaError(f"the video changes size at frame {index} ({self.width}x{self.height} to "
+                             f"{width}x{height}); use a video of one size")
 
 
 def open_media(data: bytes, max_seconds: float, max_pixels: int | None = None) -> Media:
@@ -107,7 +120,8 @@ def open_media(data: bytes, max_seconds: float, max_pixels: int | None = None) -
     width, height = (codec.height, codec.width) if rotation % 180 else (codec.width, codec.height)
     trimmed = duration if duration and duration > max_seconds + 1 / fps else None
     frames = round(min(duration or max_seconds, max_seconds) * fps) or 1
-    return Media(data, False, width - width % 2, height - height % 2, fps, frames, rotation, trimmed)
+    return Media(data, False, width - width % 2, height - height % 2, fps, frames, rotation, trimmed,
+                 max_pixels=max_pixels)
 
 
 def _rotation(container) -> int:

@@ -92,7 +92,7 @@ def prepare(avatar_id: str, media: Media, submit: Callable[[np.ndarray], Future]
         t = time.perf_counter()
         latents = np.zeros((total, 2 * specs.LATENT_CHANNELS, specs.LATENT_SIZE, specs.LATENT_SIZE), np.float32)
         for indices, future in pending:
-            latents[indices] = future.result()
+            latents[indices] = wait_for(future, cancelled)
         seconds["vae_encoder_wait"] += time.perf_counter() - t
     finally:
         writer.close()
@@ -106,12 +106,25 @@ def prepare(avatar_id: str, media: Media, submit: Callable[[np.ndarray], Future]
         "trimmed_from_seconds": media.trimmed_from_seconds, "rotation": media.rotation,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if cancelled():
+        raise Cancelled()
     t = time.perf_counter()
     save_material(folder, boxes, latents, masks)
     seconds["save"] = time.perf_counter() - t
     meta["prepare_seconds"] = round(time.perf_counter() - started, 2)
     meta["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return meta
+
+
+def wait_for(future: Future, cancelled: Callable[[], bool]):
+    """A vae_encoder answer, looking every 0.2 s whether the preparation was cancelled (the
+    pending requests are cancelled, on Triton too, by the caller)."""
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except TimeoutError:
+            if cancelled():
+                raise Cancelled() from None
 
 
 def find_faces(media: Media, progress: Progress, cancelled: Callable[[], bool],

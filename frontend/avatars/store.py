@@ -13,7 +13,7 @@ A folder appears whole or not at all (it is renamed into place), so no replica
 ever reads half an avatar; every load checks the folder is still the one cached,
 so an avatar deleted or replaced through another replica is seen at once. In
 memory, only what composition needs per frame stays cached (latents, boxes,
-masks: about 35 MB for 10 s of 1080p), within a byte budget.
+masks: 12 MB for 10 s with small faces, about 55 MB with a 1080p close-up), within a byte budget.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import re
 import shutil
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -34,7 +35,7 @@ from frontend.avatars.blending import Compositor
 from frontend.avatars.faces import FaceBox
 from frontend.avatars.frames import CycleReader
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # whole ids only: fullmatch (a "$" would let "\n" through)
 FORMAT = 2  # 1: raw frames.npy (before 0.2), upgraded when first loaded; 2: frames.mp4
 
 
@@ -50,8 +51,12 @@ class AvatarExists(AvatarError):
     """An avatar of that id exists already (or is being prepared)."""
 
 
+class AvatarChanged(AvatarError):
+    """The avatar was replaced or deleted while a request used it."""
+
+
 def check_id(avatar_id: str) -> str:
-    if not SAFE_ID.match(avatar_id or ""):
+    if not SAFE_ID.fullmatch(avatar_id or ""):
         raise AvatarError(
             f"invalid avatar id {avatar_id!r}: use 1-64 letters, digits, '_' or '-', "
             "starting with a letter or digit"
@@ -67,6 +72,18 @@ class Avatar:
     latents: np.ndarray  # [N, 8, 32, 32] float32: vae_encoder output per frame
     masks: list[np.ndarray | None]  # per frame, uint8 [box height, box width]
     meta: dict = field(default_factory=dict)
+    # The folder as it was when loaded (a directory descriptor): frames are read from that
+    # version even if the id is replaced meanwhile, never new frames with these latents.
+    directory: int | None = field(default=None, repr=False)
+
+    def open(self, name: str):
+        """One of the avatar's files, from the version that was loaded."""
+        if self.directory is None:
+            return (self.folder / name).open("rb")
+        try:
+            return open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=self.directory))
+        except FileNotFoundError:
+            raise AvatarChanged(f"avatar {self.id!r} was replaced or deleted while in use; retry") from None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -85,7 +102,7 @@ class Avatar:
 
     def reader(self) -> CycleReader:
         """The avatar's frames, for one video at a time (each stream opens its own)."""
-        return CycleReader(self.folder / "frames.mp4", self.frame_count)
+        return CycleReader(self.open("frames.mp4"), self.frame_count)
 
     @cached_property
     def compositor(self) -> Compositor:
@@ -108,11 +125,23 @@ def save_material(folder: Path, boxes: list[FaceBox | None], latents: np.ndarray
 
 
 def load_folder(avatar_id: str, folder: Path) -> Avatar:
-    meta = json.loads((folder / "meta.json").read_text())
-    boxes = [FaceBox(*map(int, b)) if b[0] >= 0 else None for b in np.load(folder / "boxes.npy")]
-    with np.load(folder / "masks.npz") as stored:
-        masks = [stored[str(i)] if str(i) in stored.files else None for i in range(len(boxes))]
-    return Avatar(avatar_id, folder, boxes, np.load(folder / "latents.npy"), masks, meta)
+    """Every file from one version of the folder (through a directory descriptor: a folder
+    replaced while it is read is not mixed with the new one)."""
+    try:
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise AvatarNotFound(f"unknown avatar {avatar_id!r}") from None
+    avatar = Avatar(avatar_id, folder, [], np.zeros(0), [], {}, directory)
+    weakref.finalize(avatar, os.close, directory)
+    with avatar.open("meta.json") as file:
+        avatar.meta = json.load(file)
+    with avatar.open("boxes.npy") as file:
+        avatar.boxes = [FaceBox(*map(int, b)) if b[0] >= 0 else None for b in np.load(file)]
+    with avatar.open("masks.npz") as file, np.load(file) as stored:
+        avatar.masks = [stored[str(i)] if str(i) in stored.files else None for i in range(len(avatar.boxes))]
+    with avatar.open("latents.npy") as file:
+        avatar.latents = np.load(file)
+    return avatar
 
 
 def upgrade_format_1(avatar_id: str, folder: Path) -> None:

@@ -70,11 +70,20 @@ def generate(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size:
 
 
 def stream(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size: int = 16,
-           in_flight: int = 4, preset: str = "veryfast") -> Iterator[bytes]:
+           in_flight: int = 4, preset: str = "veryfast", on_end=lambda: None) -> Iterator[bytes]:
     """Fragmented MP4 as the frames are made: the init segment with the first fragment,
     one fragment per batch, and a trailer box with the status and timings. An error
     after the first byte ends the stream with an error trailer (the frames made stay
-    playable); one before it is raised, for the usual JSON answer."""
+    playable); one before it is raised, for the usual JSON answer. `on_end()` runs when
+    the stream ends, whichever way (finished, failed, or closed by a client that left)."""
+    try:
+        yield from _stream(avatar, speech, fps, client, batch_size, in_flight, preset)
+    finally:
+        on_end()
+
+
+def _stream(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size: int, in_flight: int,
+            preset: str) -> Iterator[bytes]:
     started = time.perf_counter()
     report = start_report(speech, fps)
     windows = frame_windows(speech, fps, client, report)

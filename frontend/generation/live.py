@@ -54,8 +54,14 @@ class LiveTooLong(LiveError):
     """More speech than a session may take."""
 
 
+class LiveIdle(LiveError):
+    """A live session whose client has sent nothing for too long."""
+
+
 class TooManySessions(RuntimeError):
-    """Every live session slot is taken."""
+    """Every live session slot is taken (a 429: retry after `retry_after` seconds)."""
+
+    retry_after = 10
 
 
 class Latencies:
@@ -96,6 +102,8 @@ class LiveSession:
                  options: LiveOptions = LiveOptions()):
         self.fps, self.send, self.options = fps, send, options
         self.pcm, self.to_16k = Pcm16(), Resampler(sample_rate, specs.SAMPLE_RATE)
+        self.sample_rate = sample_rate
+        self._inbox_bytes, self._inbox_lock = 0, threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.report = Report(frames=0, fps=fps, audio_seconds=0.0)
         self.utterance = Utterance(avatar, client, fps, self.report, options.batch_size, options.in_flight)
@@ -111,7 +119,14 @@ class LiveSession:
 
     # -- called by the route --------------------------------------------------------------
     def feed(self, pcm16: bytes) -> None:
+        with self._inbox_lock:
+            self._inbox_bytes += len(pcm16)
         self.inbox.put((time.perf_counter(), pcm16))
+
+    @property
+    def inbox_seconds(self) -> float:
+        """Audio received and not yet taken by the session's thread."""
+        return self._inbox_bytes / 2 / self.sample_rate
 
     def end(self) -> None:
         self.inbox.put(END)
@@ -161,6 +176,8 @@ class LiveSession:
                 self.utterance.end()
             else:
                 when, pcm16 = item
+                with self._inbox_lock:
+                    self._inbox_bytes -= len(pcm16)
                 self._take_samples(self.to_16k(self.pcm(pcm16)), when)
             try:
                 item = self.inbox.get_nowait()

@@ -58,6 +58,8 @@ def delete_avatar(avatar_id: str, s: Services = Depends(services)):
     """Delete an avatar, or cancel its preparation."""
     avatars.check_id(avatar_id)
     if s.jobs.cancel(avatar_id):
+        if s.store.exists(avatar_id):  # it was published while the cancel reached it
+            s.store.delete(avatar_id)
         return {"deleted": avatar_id, "cancelled": True}
     s.store.delete(avatar_id)
     return {"deleted": avatar_id}

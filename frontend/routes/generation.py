@@ -61,17 +61,19 @@ def onnx_infer(
     avatar = s.avatar(avatar_id)
     speech = audio.decode(s.read_upload(audio_file), s.settings.max_audio_seconds)
     batch = batch_size or s.settings.batch_size
+    frames = audio.frame_count(speech.seconds, fps)  # what it costs: admission counts frames
     if stream and not skip_save_images:
+        s.generations.acquire(frames)  # released by the stream when it ends, however it ends
         chunks = answers.stream(avatar, speech, fps, s.client, batch, s.settings.in_flight,
-                                 s.settings.x264_preset)
+                                 s.settings.x264_preset, on_end=lambda: s.generations.release(frames))
         first = next(chunks)  # errors before the first byte are the usual JSON answers
-        frames = audio.frame_count(speech.seconds, fps)
         return ClosingStream(_body(first, chunks), media_type="video/mp4",
                              headers={"X-Frame-Count": str(frames), "Cache-Control": "no-store"})
-    video, report = answers.generate(
-        avatar, speech, fps, s.client, batch, s.settings.in_flight,
-        encode=not skip_save_images, preset=s.settings.x264_preset,
-    )
+    with s.generations.admit(frames):
+        video, report = answers.generate(
+            avatar, speech, fps, s.client, batch, s.settings.in_flight,
+            encode=not skip_save_images, preset=s.settings.x264_preset,
+        )
     headers = {"X-Frame-Count": str(report.frames), "X-Timings": json.dumps(report.as_dict())}
     if video is None:
         return JSONResponse({"avatar_id": avatar.id, **report.as_dict()}, headers=headers)

@@ -13,26 +13,27 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz():
-    """The process is alive."""
+async def healthz():
+    """The process is alive. On the event loop, not the worker threads: it answers in
+    milliseconds however busy the generations keep those."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-def readyz(s: Services = Depends(services)):
-    """The service can serve its default request: Triton reachable, every model ready,
-    and the default avatar prepared. Otherwise 503, saying what is missing."""
-    if not s.client.server_ready():
-        return error_response(503, f"Triton at {s.settings.triton_url} is not reachable or not ready")
-    waiting = [m for m in specs.MODELS if not s.client.model_ready(m)]
-    if waiting:
-        return error_response(503, f"models not ready: {', '.join(waiting)}")
-    if problem := s.default_problem():
+async def readyz(s: Services = Depends(services)):
+    """The service can serve its default request: Triton reachable, every model ready, and
+    the default avatar prepared (or none is configured). Otherwise 503, saying what is missing.
+    The answer is the last check of a background thread (every second), so it takes
+    milliseconds under any load. A front end at capacity stays ready: it answers 429 with a
+    Retry-After at once, while an unready one would be taken out of the Service, its sessions
+    cut off from it, and its load moved to replicas likely as busy."""
+    problem = s.readiness.problem()
+    if problem:
         return error_response(503, problem)
     return {"status": "ready", "models": list(specs.MODELS)}
 
 
 @router.get("/metrics")
-def prometheus_metrics():
+async def prometheus_metrics():
     """The front end's metrics in Prometheus' text format (frontend/metrics.py says what each is)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

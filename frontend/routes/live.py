@@ -21,27 +21,36 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from frontend import metrics
 from frontend.errors import refuse_websocket
-from frontend.generation.live import LiveError, LiveOptions, LiveSession, TooManySessions
+from frontend.generation.live import LiveError, LiveIdle, LiveOptions, LiveSession, LiveTooLong, TooManySessions
 from frontend.services import Services
 
 router = APIRouter(tags=["live"])
 log = logging.getLogger("musetalk.frontend")
-OUTBOX = 64  # messages waiting for a slow client before the session waits for it
+OUTBOX = 8  # messages (batches of frames: about 2 s of video) waiting for a slow client before the session waits
+INBOX_SECONDS = 2.0  # audio received and not yet taken by the session, before the client's socket waits
+MAX_MESSAGE = 1 << 20  # 1 MiB of PCM per message (33 s at 16 kHz): bigger is a mistake or an attack
 
 
 class ClientGone(RuntimeError):
     pass
 
 
+def int_parameter(name: str, value: str, low: int, high: int, unit: str = "") -> int:
+    """A WebSocket's integer query parameter (refused as a message and a close code, like every
+    other bad input, rather than by FastAPI's validation, which can only refuse the handshake)."""
+    number = int(value) if value.strip().isdigit() else None
+    if number is None or not low <= number <= high:
+        raise LiveError(f"{name} must be {low}..{high}{unit}, got {value!r}")
+    return number
+
+
 @router.websocket("/ws/live")
-async def live(websocket: WebSocket, avatar_id: str | None = None, fps: int = 25, sample_rate: int = 16000):
+async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "25", sample_rate: str = "16000"):
     s: Services = websocket.app.state.services
     await websocket.accept()
     try:
-        if not 1 <= fps <= 60:
-            raise LiveError(f"fps must be 1..60, got {fps}")
-        if not 8000 <= sample_rate <= 96000:
-            raise LiveError(f"sample_rate must be 8000..96000 Hz, got {sample_rate}")
+        fps = int_parameter("fps", fps, 1, 60)
+        sample_rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
         avatar = s.avatar(avatar_id)
         slot = s.live_slots.acquire(blocking=False)
         if not slot:
@@ -82,7 +91,8 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
                                "synthetic_weights": s.synthetic_weights()})
     worker = _in_thread(loop, session.run)
     sender = asyncio.create_task(_send_all(websocket, outbox))
-    receiver = asyncio.create_task(_receive_all(websocket, session, options.max_lag_s))
+    receiver = asyncio.create_task(_receive_all(websocket, session, sample_rate, options,
+                                                s.settings.live_idle_seconds))
     try:
         done, _ = await asyncio.wait({worker, receiver}, return_when=asyncio.FIRST_COMPLETED)
         if receiver in done and receiver.exception() is not None:
@@ -106,14 +116,29 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
         await asyncio.to_thread(session.finished.wait, 30)  # its Triton calls cancelled, encoders closed
 
 
-async def _receive_all(websocket: WebSocket, session: LiveSession, max_lag_s: float) -> None:
+async def _receive_all(websocket: WebSocket, session: LiveSession, rate: int, options: LiveOptions,
+                       idle_s: float) -> None:
+    """The client's audio into the session, never more than the session can hold: while the
+    video trails the audio by more than `max_lag_s`, or the session has not yet taken
+    INBOX_SECONDS of what arrived (its thread waits for a client that does not read), the
+    audio waits in the client's socket (TCP pushes back). Over the session's length limit,
+    a message over MAX_MESSAGE, or nothing from the client for `idle_s`: an error and a close."""
+    received = 0  # bytes of PCM
     while True:
-        while session.lag_s > max_lag_s:  # back-pressure: the client's audio waits in its socket
+        while session.lag_s > options.max_lag_s or session.inbox_seconds > INBOX_SECONDS:
             await asyncio.sleep(0.05)
-        message = await websocket.receive()
+        try:
+            message = await asyncio.wait_for(websocket.receive(), idle_s)
+        except TimeoutError:
+            raise LiveIdle(f"nothing received for {idle_s:g} s; send {{\"type\": \"end\"}} to finish") from None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         if message.get("bytes") is not None:
+            if len(message["bytes"]) > MAX_MESSAGE:
+                raise LiveTooLong(f"a PCM message is at most {MAX_MESSAGE // 1024} kB; send smaller pieces")
+            received += len(message["bytes"])
+            if received / 2 / rate > options.max_seconds:
+                raise LiveTooLong(f"a live session takes at most {options.max_seconds:g} s of speech")
             session.feed(message["bytes"])
         elif message.get("text") is not None:
             try:

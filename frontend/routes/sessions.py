@@ -28,13 +28,15 @@ from pydantic import BaseModel, Field
 
 from frontend.errors import UnsupportedMediaType, refuse_websocket
 from frontend.generation.live import LiveError
+from frontend.routes.live import MAX_MESSAGE, int_parameter
 from frontend.services import Services, services
+from frontend.sessions.registry import SpeechSocketBusy
+from frontend.sessions.segments import SegmentTooLong
 from frontend.sessions.session import Session
 from frontend.sessions.viewers import OfferError
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 MAX_OFFER_BYTES = 64 * 1024
-MAX_PCM_MESSAGE = 1 << 20  # 1 MiB of PCM per message (33 s at 16 kHz): bigger is a mistake
 
 
 class NewSession(BaseModel):
@@ -109,12 +111,10 @@ async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "1600
     s: Services = websocket.app.state.services
     await websocket.accept()
     try:
-        rate = int(sample_rate) if sample_rate.isdigit() else 0
-        if not 8000 <= rate <= 96000:
-            raise LiveError(f"sample_rate must be 8000..96000 Hz, got {sample_rate!r}")
+        rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
         session = s.sessions.get(session_id)
         if session.speaker is not None:
-            raise LiveError("this session already has a speech socket; close it first")
+            raise SpeechSocketBusy("this session already has a speech socket; close it first")
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
         await refuse_websocket(websocket, error)
         return
@@ -163,8 +163,8 @@ async def _receive_speech(websocket: WebSocket, session: Session, rate: int, max
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         if message.get("bytes") is not None:
-            if len(message["bytes"]) > MAX_PCM_MESSAGE:
-                raise LiveError(f"a PCM message is at most {MAX_PCM_MESSAGE // 1024} kB; send smaller pieces")
+            if len(message["bytes"]) > MAX_MESSAGE:
+                raise SegmentTooLong(f"a PCM message is at most {MAX_MESSAGE // 1024} kB; send smaller pieces")
             session.speak(message["bytes"], rate)
             continue
         try:

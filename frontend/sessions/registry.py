@@ -28,6 +28,10 @@ class SessionNotFound(LookupError):
     """No session of that id (never created, ended, or on another replica)."""
 
 
+class SpeechSocketBusy(RuntimeError):
+    """The session already has a speech socket (two would mix their speech)."""
+
+
 class Sessions:
     def __init__(self, client, slots: threading.BoundedSemaphore, limit: int, idle_seconds: float,
                  ice_servers: list[dict], idle_cycles: IdleCycles):

@@ -45,52 +45,72 @@ def decode(data: bytes, max_seconds: float | None = None) -> Speech:
     """Decode any audio file's bytes (wav, flac, ogg, mp3, and what FFmpeg reads).
 
     Matches `librosa.load(path, sr=16000)`: float32, channels averaged, soxr_hq
-    resampling.
+    resampling. The length is checked before decoding where the file declares it
+    (a few kB of FLAC can hold an hour of silence), and decoding stops at the
+    limit where it does not; channels are averaged block by block, so memory is
+    one mono track of at most `max_seconds`, whatever the file.
     """
     import librosa
 
     if not data:
         raise AudioError("the audio file is empty")
-    samples, rate = _read(data)
-    if samples.size == 0:
+    mono, rate = _read(data, max_seconds)
+    if mono.size == 0:
         raise AudioError("the audio file holds no samples")
-    mono = librosa.to_mono(samples) if samples.ndim > 1 else samples
-    seconds = len(mono) / rate
-    if max_seconds is not None and seconds > max_seconds:
-        raise AudioError(f"the audio lasts {seconds:.1f} s; the limit is {max_seconds:g} s")
     resampled = librosa.resample(mono, orig_sr=rate, target_sr=specs.SAMPLE_RATE, res_type="soxr_hq")
     return Speech(np.ascontiguousarray(resampled, dtype=np.float32), mono, rate)
 
 
-def _read(data: bytes) -> tuple[np.ndarray, int]:
-    """(samples as float32, channels first if several; rate), via libsndfile, else FFmpeg."""
+def too_long(seconds: float, max_seconds: float) -> AudioError:
+    return AudioError(f"the audio lasts {seconds:.1f} s; the limit is {max_seconds:g} s")
+
+
+def _read(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, rate), via libsndfile, else FFmpeg."""
     import soundfile
 
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return samples.T if samples.shape[1] > 1 else samples[:, 0], rate
-    except Exception:  # noqa: BLE001 - libsndfile does not read this; try FFmpeg
+        info = soundfile.info(io.BytesIO(data))
+        if max_seconds is not None and info.frames / info.samplerate > max_seconds:
+            raise too_long(info.frames / info.samplerate, max_seconds)
+        blocks = soundfile.blocks(io.BytesIO(data), blocksize=65536, dtype="float32", always_2d=True)
+        parts = [block.mean(axis=1) if block.shape[1] > 1 else block[:, 0] for block in blocks]
+        return (np.concatenate(parts) if parts else np.zeros(0, np.float32)).astype(np.float32), info.samplerate
+    except AudioError:
+        raise
+    except Exception:  # noqa: BLE001 - libsndfile cannot read this (or all of it): FFmpeg can
         pass
     try:
-        return _read_with_ffmpeg(data)
+        return _read_with_ffmpeg(data, max_seconds)
+    except AudioError:
+        raise
     except Exception as error:  # noqa: BLE001
         raise AudioError(
             "cannot decode the audio file (expected wav, mp3, flac, ogg or another audio format)"
         ) from error
 
 
-def _read_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
+def _read_with_ffmpeg(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import av
 
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.audio:
             raise AudioError("the file has no audio stream")
         stream = container.streams.audio[0]
+        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
+            (container.duration / 1e6 if container.duration else None)
+        if max_seconds is not None and declared is not None and declared > max_seconds + 0.5:
+            raise too_long(declared, max_seconds)
+        limit = None if max_seconds is None else int((max_seconds + 0.5) * stream.rate)
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=stream.rate)
-        chunks = []
+        chunks, count = [], 0
         try:
             for frame in container.decode(stream):
-                chunks.extend(r.to_ndarray()[0] for r in resampler.resample(frame))
+                for mono in resampler.resample(frame):
+                    chunks.append(mono.to_ndarray()[0])
+                    count += len(chunks[-1])
+                if limit is not None and count > limit:  # a stream that did not say how long it is
+                    raise too_long(count / stream.rate, max_seconds)
         except av.error.InvalidDataError:
             if not chunks:
                 raise
