@@ -36,7 +36,7 @@ from pipecat.services.ai_service import AIService
 
 from client.sessions import AvatarSession
 
-SILENCE = 1e-4  # decoded Opus silence is not quite zero
+SILENCE = 1e-3  # peak of the idle avatar's audio (-60 dBFS): decoded Opus silence is not quite zero
 
 
 class MuseTalkVideoService(AIService):
@@ -54,6 +54,7 @@ class MuseTalkVideoService(AIService):
         self._speech_rate: int | None = None
         self._tasks: list[asyncio.Task] = []
         self._started = False  # the session's video is flowing
+        self._speaking = False  # between the session's speech_started and speech_finished
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, frame: StartFrame):
@@ -69,13 +70,15 @@ class MuseTalkVideoService(AIService):
 
     async def stop(self, frame: EndFrame):
         await super().stop(frame)
-        await self._close()
+        await self.close_session()
 
     async def cancel(self, frame: CancelFrame):
         await super().cancel(frame)
-        await self._close()
+        await self.close_session()
 
-    async def _close(self) -> None:
+    async def close_session(self) -> None:
+        """End the session on the front end (also for a host shutting down without ending its
+        pipelines: the session's speech would otherwise go on until it expires)."""
         for task in self._tasks:
             await self.cancel_task(task)
         self._tasks = []
@@ -155,8 +158,8 @@ class MuseTalkVideoService(AIService):
                 return
             samples = received.frame.to_ndarray()  # s16, interleaved stereo from Opus
             mono = samples.reshape(-1, len(received.frame.layout.channels)).mean(axis=1)
-            if np.abs(mono).max() / 32768 < SILENCE:
-                continue  # silence: nothing is said (the transport plays silence by itself)
+            if not self._speaking and np.abs(mono).max() / 32768 < SILENCE:
+                continue  # the idle avatar's silence: nothing is said (the transport plays silence itself)
             await self.push_frame(TTSAudioRawFrame(audio=mono.astype("<i2").tobytes(),
                                                    sample_rate=received.frame.sample_rate, num_channels=1))
 
@@ -164,8 +167,10 @@ class MuseTalkVideoService(AIService):
         while True:
             event = await speech.event(timeout=24 * 3600)
             if event["type"] == "speech_started":
+                self._speaking = True
                 await self.push_frame(TTSStartedFrame())
             elif event["type"] == "speech_finished":
+                self._speaking = False
                 await self.push_frame(TTSStoppedFrame())
             elif event["type"] == "error":
                 await self.push_error(f"MuseTalk: {event['error']}")

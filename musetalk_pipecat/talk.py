@@ -1,10 +1,11 @@
 """Talk to the avatar, with no cloud account: a Pipecat bot that says back what you say.
 
-    python -m musetalk_pipecat.talk --frontend http://localhost:8080      # then open the printed page
+    python -m musetalk_pipecat.talk --frontend http://localhost:8080      # then open http://localhost:7860/
     make talk PROFILE=tiny                                                # the stack and this bot
 
-The bot listens over Pipecat's SmallWebRTC transport (its local page, served by Pipecat's
-development runner), cuts your turns with Silero VAD (its model ships in Pipecat's wheel),
+The bot listens over Pipecat's SmallWebRTC transport (its page and offer endpoint are served
+here: Pipecat's prebuilt page loads code from the internet), cuts your turns with Silero VAD
+(its model ships in Pipecat's wheel),
 and gives each turn's audio to the avatar as its speech: the avatar repeats what you said, in
 your voice. A real agent puts speech recognition, a language model and a TTS where `EchoTurns`
 is (the README shows how). With random weights (a `--synthetic` export) the mouth is noise.
@@ -12,8 +13,13 @@ is (the README shows how). With random weights (a `--synthetic` export) the mout
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
+from contextlib import asynccontextmanager
+from pathlib import Path
 
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.frames.frames import (
     Frame,
@@ -28,14 +34,19 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.runner.types import RunnerArguments
-from pipecat.runner.utils import create_transport
 from pipecat.transports.base_transport import TransportParams
+from pipecat.transports.smallwebrtc.request_handler import (
+    SmallWebRTCPatchRequest,
+    SmallWebRTCRequest,
+    SmallWebRTCRequestHandler,
+)
+from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
 from musetalk_pipecat.service import MuseTalkVideoService
 
 PRE_ROLL_S = 0.3  # audio kept from before the VAD heard the start of a turn (its first syllable)
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
 class EchoTurns(FrameProcessor):
@@ -76,19 +87,15 @@ def transport_params(width: int = 512, height: int = 512, fps: int = 25) -> Tran
                            video_out_framerate=fps)
 
 
-async def bot(runner_args: RunnerArguments):
-    """The runner's entry point: one bot per browser that connects."""
-    frontend = os.environ.get("MUSETALK_FRONTEND", "http://localhost:8080")
-    avatar = os.environ.get("MUSETALK_AVATAR") or None
-    fps = int(os.environ.get("MUSETALK_FPS", "25"))
-    size = os.environ.get("MUSETALK_VIDEO_SIZE", "512x512")
-    width, height = map(int, size.split("x"))
-    transport = await create_transport(runner_args, {"webrtc": lambda: transport_params(width, height, fps)})
+async def run_bot(connection, service: MuseTalkVideoService, width: int, height: int) -> None:
+    """One bot for one browser's connection, until it leaves."""
+    transport = SmallWebRTCTransport(webrtc_connection=connection,
+                                     params=transport_params(width, height, service.fps))
     pipeline = Pipeline([
         transport.input(),
         VADProcessor(vad_analyzer=SileroVADAnalyzer()),
         EchoTurns(),
-        MuseTalkVideoService(url=frontend, avatar_id=avatar, fps=fps),
+        service,
         transport.output(),
     ])
     worker = PipelineWorker(pipeline, idle_timeout_secs=None)
@@ -97,9 +104,45 @@ async def bot(runner_args: RunnerArguments):
     async def on_client_disconnected(transport, client):
         await worker.cancel()
 
-    runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
+    runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     await runner.run()
+
+
+def app(frontend: str, avatar: str | None, fps: int, width: int, height: int) -> FastAPI:
+    """The bot's page (GET /, nothing from other hosts: Pipecat's prebuilt page fetches Daily's
+    code from the internet) and the SmallWebRTC offer endpoint it talks to."""
+    handler = SmallWebRTCRequestHandler()
+    bots: dict[asyncio.Task, MuseTalkVideoService] = {}
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI):
+        yield
+        for service in list(bots.values()):  # stopping: the avatars' sessions end with the bots
+            await service.close_session()
+
+    api = FastAPI(title="Talk to the avatar", lifespan=lifespan)
+
+    @api.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE, headers={"Cache-Control": "no-cache"})
+
+    @api.post("/api/offer")
+    async def offer(request: SmallWebRTCRequest):
+        async def start(connection) -> None:
+            service = MuseTalkVideoService(url=frontend, avatar_id=avatar, fps=fps)
+            task = asyncio.create_task(run_bot(connection, service, width, height))
+            bots[task] = service
+            task.add_done_callback(lambda done: bots.pop(done, None))
+
+        return await handler.handle_web_request(request=request, webrtc_connection_callback=start)
+
+    @api.patch("/api/offer")
+    async def ice_candidate(request: SmallWebRTCPatchRequest):
+        await handler.handle_patch_request(request)
+        return {"status": "success"}
+
+    return api
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,14 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
-    os.environ.update(MUSETALK_FRONTEND=args.frontend, MUSETALK_AVATAR=args.avatar or "",
-                      MUSETALK_FPS=str(args.fps), MUSETALK_VIDEO_SIZE=args.size)
-    import sys
-
-    from pipecat.runner.run import main as run
-
-    sys.argv = [sys.argv[0], "-t", "webrtc", "--host", args.host, "--port", str(args.port)]
-    run()
+    width, height = map(int, args.size.split("x"))
+    print(f"talk to the avatar: http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app(args.frontend, args.avatar, args.fps, width, height), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

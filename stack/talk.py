@@ -4,8 +4,8 @@
     python -m stack.talk --profile tiny    # small random models: up in a minute
 
 The bot (musetalk_pipecat.talk) runs in its own environment (.venv-pipecat: Pipecat's pins
-cannot live beside the service's); it listens through Pipecat's SmallWebRTC transport and its
-local page, cuts your turns with Silero VAD and gives each one to the avatar to say back.
+cannot live beside the service's); it listens through Pipecat's SmallWebRTC transport, serves
+its page, cuts your turns with Silero VAD and gives each one to the avatar to say back.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         bot = subprocess.Popen([str(PIPECAT_PYTHON), "-m", "musetalk_pipecat.talk", "--frontend", frontend.url,
                                 "--fps", str(args.fps), "--port", str(args.bot_port)],
                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        print(f"talk to the avatar: http://localhost:{args.bot_port}/client/ (Connect, then speak; it says back "
+        print(f"talk to the avatar: http://localhost:{args.bot_port}/ (Connect, then speak; it says back "
               f"what you said)\nfront end {frontend.url}; logs {frontend.log_file}, {BUILD / 'talk.log'}\n"
               "Ctrl-C stops everything.", flush=True)
         if serve_until_stopped(frontend.process, server.process, bot):

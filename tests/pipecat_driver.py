@@ -105,6 +105,7 @@ async def run(args) -> dict:
     if args.scenario == "speak":
         await wait_for(lambda: any(isinstance(f, TTSStoppedFrame) for _, f in downstream.frames), seconds + 60)
         await asyncio.sleep(2.0)  # idle again
+        report["status"] = httpx.get(f"{args.url}/sessions/{service.session.id}").json()
     elif args.scenario == "interrupt":
         await wait_for(lambda: any(isinstance(f, TTSStartedFrame) for _, f in downstream.frames), 60)
         await asyncio.sleep(1.5)
@@ -147,6 +148,8 @@ def describe(down: list, up: list, sent: float) -> dict:
         "images": kinds,
         "audio_seconds": sum(len(f.audio) / 2 / f.sample_rate for _, f in audio),
         "audio_first": round(audio[0][0], 3) if audio else None,
+        "voice_first": next((round(t, 3) for t, f in audio if np.abs(np.frombuffer(f.audio, "<i2")).max() > 600),
+                            None),
         "audio_last": round(audio[-1][0], 3) if audio else None,
         "events": [(round(t - sent, 3), type(f).__name__) for t, f in down
                    if isinstance(f, (TTSStartedFrame, TTSStoppedFrame, InterruptionFrame))],

@@ -2,13 +2,11 @@
 uvicorn process and the real local Triton. Screenshots land in build/test/."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import soundfile
 
-from support import BUILD, SPEECH
+from support import BUILD, CHANGED, SPEECH, mouth_moves
 
 LONG_SPEECH = BUILD / "speech_x3.wav"  # 16.7 s: long enough to interrupt
 
@@ -32,42 +30,6 @@ def page(browser, frontend_server):
     yield page
     context.close()
     assert not errors, errors
-
-
-# The face region of the video as shown, compared with a snapshot: how much the mouth moved.
-CHANGED = """(reference) => {
-    const video = document.querySelector('video');
-    const canvas = document.createElement('canvas');
-    canvas.width = video.videoWidth;
-    canvas.height = video.videoHeight;
-    const context = canvas.getContext('2d');
-    context.drawImage(video, 0, 0);
-    const rgba = context.getImageData(0, 0, canvas.width, canvas.height).data;
-    const pixels = Array.from(rgba.filter((_, i) => i % 4 === 1));  // green: close to the luma
-    if (!reference) return pixels;
-    let worst = 0;
-    const width = canvas.width, block = 16;
-    for (let y = 0; y + block <= canvas.height; y += block) for (let x = 0; x + block <= width; x += block) {
-        let sum = 0;
-        for (let j = 0; j < block; j++) for (let i = 0; i < block; i++) {
-            const k = (y + j) * width + x + i;
-            sum += Math.abs(pixels[k] - reference[k]);
-        }
-        worst = Math.max(worst, sum / block / block);
-    }
-    return worst;
-}"""
-
-
-def mouth_moves(page, idle, seconds: float = 5.0) -> bool:
-    """Whether the face shown differs from the idle one within `seconds` (speech has pauses,
-    where the avatar shows its own face)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if page.evaluate(CHANGED, idle) > 12:
-            return True
-        page.wait_for_timeout(100)
-    return False
 
 
 def triton_executions(url: str) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from client import MuseTalkClient
 from stack.frontend_process import FrontEnd
-from support import BUILD, ROOT, SPEECH, speech_seconds
+from support import BUILD, CHANGED, ROOT, SPEECH, mouth_moves, speech_seconds
 from triton_local.server import free_port
 
 PIPECAT_PYTHON = ROOT / ".venv-pipecat" / "bin" / "python"
@@ -54,8 +54,13 @@ def test_tts_audio_becomes_the_avatar_speaking_it_with_its_audio(pipecat_python,
     # the images come at the session's fps, timestamped by its clock
     steps = {round((b["pts"] - a["pts"]) * FPS / 1e9) for a, b in zip(images, images[1:])}
     assert steps == {1}, steps
-    assert abs(seen["audio_seconds"] - speech_seconds()) < 0.3  # its speech, as the session played it
-    assert abs(seen["audio_first"] - images[first_face]["t"]) < 0.25  # and with its images
+    # its speech, as the session played it: every second of it, and the silence of the frames held
+    # while generation caught up (speech video and its audio wait together)
+    held = seen["status"]["frames"]["hold"] / FPS
+    assert speech_seconds() - 0.1 <= seen["audio_seconds"] <= speech_seconds() + held, (seen["audio_seconds"], held)
+    # and with its images: the mouth opens as the voice starts (MuseTalk's window hears two
+    # frames ahead, and the face fades in over three)
+    assert abs(seen["voice_first"] - images[first_face]["t"]) < 0.35, (seen["voice_first"], images[first_face]["t"])
     assert [kind for _, kind in seen["events"]] == ["TTSStartedFrame", "TTSStoppedFrame"]
 
 
@@ -102,7 +107,7 @@ def talk(pipecat_python, frontend_server):
     deadline = time.monotonic() + 120
     while True:
         try:
-            if httpx.get(f"{url}/client/", follow_redirects=True).status_code == 200:
+            if httpx.get(f"{url}/").status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -114,15 +119,18 @@ def talk(pipecat_python, frontend_server):
 
 
 def test_the_talk_demo_answers_its_page_with_the_avatar(talk, browser):
-    """The prebuilt Pipecat page, Connect clicked: the avatar's video plays in the browser."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    """The bot's page, Connect clicked, Chromium's fake microphone speaking: the avatar's video
+    plays in the browser, and the bot hears the turns (the avatar speaks them back)."""
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
     page = context.new_page()
     try:
-        page.goto(f"{talk}/client/")
-        page.get_by_role("button", name="Connect").click(timeout=60_000)
-        page.wait_for_function("""() => [...document.querySelectorAll('video')].some(
-            v => v.readyState >= 2 && v.videoWidth === 512 && v.getVideoPlaybackQuality().totalVideoFrames > 25)""",
+        page.goto(f"{talk}/")
+        page.click("#connect")
+        page.wait_for_function("""() => { const v = document.querySelector('video');
+            return v.readyState >= 2 && v.videoWidth === 512 && v.getVideoPlaybackQuality().totalVideoFrames > 5; }""",
                                timeout=120_000)
+        idle = page.evaluate(CHANGED, None)  # the avatar listening: the microphone's first turn is not over
+        assert mouth_moves(page, idle, seconds=60), "the avatar never spoke the turn back"
         page.screenshot(path=str(BUILD / "talk.png"))
     finally:
         context.close()

@@ -24,6 +24,7 @@ from frontend.speech import audio
 from frontend.speech.pcm import EMPTY, Pcm16, Resampler
 from frontend.video.rtc import AUDIO_RATE
 
+START_FRAMES = 3  # a segment starts once this many of its frames are ready
 ENERGY_BLOCK = specs.SAMPLE_RATE // 100  # 10 ms at 16 kHz (half an encoder step): the silence test's resolution
 
 
@@ -102,13 +103,20 @@ class Segment:
             indices, faces = self.utterance.next()
             self.faces.update(zip(indices, faces))
             self.faces_received += len(indices)
-        if self.first_frame_at is None and self.played == 0 and self.ready(0):
+        if self.first_frame_at is None and self.played == 0 and self.ready_to_start():
             self.first_frame_at = time.monotonic()
 
     def ready(self, k: int) -> bool:
         """Whether frame k can play now."""
         alpha = self.alpha(k)
         return alpha is not None and (alpha == 0 or k in self.faces)
+
+    def ready_to_start(self) -> bool:
+        """Whether its first START_FRAMES frames can play: a segment that started on frame 0 alone
+        would hold on frame 1 while the first batches are still coming (a silent frame 0 needs
+        no face and is ready at once), and a freeze in speech shows more than a later start."""
+        count = START_FRAMES if self.frames is None else min(START_FRAMES, self.frames)
+        return all(self.ready(k) for k in range(count))
 
     def face(self, k: int) -> np.ndarray | None:
         return self.faces.pop(k, None)

@@ -429,7 +429,7 @@ class Session:
         if segment is None or (segment.played == 0 and self.position < segment.start):
             return self._idle_tick(n, audio)
         k = segment.played
-        if not segment.ready(k):
+        if not (segment.ready_to_start() if k == 0 else segment.ready(k)):
             self.behind_seconds += 1 / self.fps if k else 0.0
             self.state = "speaking" if k else self.state
             shown = self.shown or Tick(n, self.position, "idle", audio)
