@@ -57,7 +57,8 @@ def triton_error(error: BaseException) -> None:
         TRITON_ERRORS.labels(type(error).__name__).inc()
 
 ADMISSIONS = Counter("musetalk_admissions", "Admission control: requests admitted at once or after a wait, "
-                     "queued (they waited), refused with 429, by kind (generation, preparation, session)",
+                     "queued (they waited), refused with 429, by kind (generation, preparation, session: "
+                     "conversational and /ws/live)",
                      ["kind", "result"])
 ADMISSION_IN_USE = Gauge("musetalk_admission_in_use", "Units of work in progress (generation: frames; "
                          "preparation: jobs)", ["kind"])

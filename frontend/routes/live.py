@@ -53,6 +53,7 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
         sample_rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
         avatar = s.avatar(avatar_id)
         slot = s.live_slots.acquire(blocking=False)
+        metrics.ADMISSIONS.labels("session", "admitted" if slot else "refused").inc()
         if not slot:
             raise TooManySessions(f"all {s.settings.max_live_sessions} live sessions are taken; retry later")
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code

@@ -42,7 +42,9 @@ class Sessions:
 
     def create(self, avatar: Avatar, options: SessionOptions) -> Session:
         if not self.slots.acquire(blocking=False):
+            metrics.ADMISSIONS.labels("session", "refused").inc()
             raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
+        metrics.ADMISSIONS.labels("session", "admitted").inc()
         session = Session(secrets.token_urlsafe(12), avatar, self.client, options, self.idle_cycles)
         with self._lock:
             self._sessions[session.id] = session
