@@ -26,6 +26,7 @@ COPY export/ export/
 COPY triton_local/ triton_local/
 COPY stack/ stack/
 COPY benchmarks/ benchmarks/
+COPY musetalk_pipecat/ musetalk_pipecat/
 # Every version is pinned in pyproject.toml. Binary wheels carry their native libraries
 # (FFmpeg in av, libsndfile in soundfile, dlib, OpenCV headless): no apt packages.
 RUN /opt/venv/bin/pip install --no-cache-dir ".[frontend]"

@@ -136,3 +136,23 @@ def mouth_moves(page, idle, seconds: float = 5.0) -> bool:
             return True
         page.wait_for_timeout(100)
     return False
+
+
+def settled_count(grpc_url: str, model: str, quiet_s: float = 1.0, timeout_s: float = 20.0) -> int:
+    """A model's inference count once it has stopped moving for `quiet_s`: requests already in
+    a Triton batcher's queue when they were cancelled still run (the python backend takes its
+    queue whole), so "nothing runs any more" is a count that settles, soon."""
+    from client import MuseTalkClient
+
+    with MuseTalkClient(grpc_url) as client:
+        def count() -> int:
+            return int(client.statistics(model).get("inference_count", 0))
+
+        deadline, last = time.monotonic() + timeout_s, count()
+        while True:
+            time.sleep(quiet_s)
+            now = count()
+            if now == last:
+                return now
+            assert time.monotonic() < deadline, f"{model} still running {timeout_s:g} s later"
+            last = now

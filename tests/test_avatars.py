@@ -284,7 +284,7 @@ def test_a_1080p_avatar_stays_small_on_disk_and_in_memory(frontend_server, speec
 
     frames = [face_on_canvas(1920, 1080, 200, shift=(i * 2) % 40)[0] for i in range(100)]
     ready("warm", video_bytes(frames[:10]))
-    assert httpx.post(f"{frontend_server.url}/onnx-infer", data={"avatar_id": "warm"},
+    assert httpx.post(f"{frontend_server.url}/onnx-infer", data={"avatar_id": "warm", "fps": "12"},
                       files={"audio_file": ("speech.flac", speech_bytes)}, timeout=600).status_code == 200
     httpx.delete(f"{frontend_server.url}/avatars/warm")
     process = psutil.Process(frontend_server.process.pid)
@@ -294,7 +294,7 @@ def test_a_1080p_avatar_stays_small_on_disk_and_in_memory(frontend_server, speec
     disk = sum(f.stat().st_size for f in __import__("pathlib").Path(folder).iterdir())
     raw = 100 * 1920 * 1080 * 3
     assert disk < raw / 10, f"{disk / 1e6:.0f} MB on disk for {raw / 1e6:.0f} MB of raw frames"
-    generated = httpx.post(f"{frontend_server.url}/onnx-infer", data={"avatar_id": "hd"},
+    generated = httpx.post(f"{frontend_server.url}/onnx-infer", data={"avatar_id": "hd", "fps": "12"},
                            files={"audio_file": ("speech.flac", speech_bytes)}, timeout=600)
     assert generated.status_code == 200
     grown = process.memory_info().rss - before

@@ -4,10 +4,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 
 from support import ROOT
 
-SOURCES = ["pyproject.toml", "contract", "client", "export", "frontend", "triton_local", "stack", "benchmarks"]
+# What a wheel of this project is built from: pyproject.toml and every package it names.
+SOURCES = ["pyproject.toml", *sorted({p.split(".")[0] for p in tomllib.loads(
+    (ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]})]
 PROBE = """
 import importlib.util, sys
 import numpy as np

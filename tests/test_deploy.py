@@ -383,7 +383,7 @@ def test_frontend_image_is_non_root_on_8080():
     assert re.findall(r"^EXPOSE (.+)$", text, re.M) == ["8080"]
     (cmd,) = re.findall(r"^CMD (\[.*\])$", text, re.M)
     assert json.loads(cmd) == ["uvicorn", "--factory", "frontend.app:create_app", "--host", "0.0.0.0",
-                               "--port", "8080"]
+                               "--port", "8080", "--ws-max-size", "2097152"]  # MAX_MESSAGE's 1 MiB, with room
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert re.search(r"MUSETALK_AVATAR_DIR=/data/avatars", text) and "chown -R 10001:10001 /data" in text
     assert "NUMBA_CACHE_DIR=/tmp/" in text  # librosa's numba cache, under a read-only root

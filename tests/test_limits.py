@@ -224,6 +224,11 @@ def test_a_live_client_that_sends_fast_and_never_reads_does_not_grow_the_server(
         except Exception:  # noqa: BLE001 - closed when the test ends
             pass
 
+    with connect(live(frontend_server.url)) as socket:  # a first, whole session: libraries loaded
+        socket.recv()
+        socket.send(noise[:16000])
+        socket.send(json.dumps({"type": "end"}))
+        assert closed_with(socket)[1] == 1000
     with connect(live(frontend_server.url)) as socket:
         socket.recv()
         threading.Thread(target=flood, args=(socket,), daemon=True).start()
@@ -232,6 +237,9 @@ def test_a_live_client_that_sends_fast_and_never_reads_does_not_grow_the_server(
         time.sleep(5)
         grown = process.memory_info().rss - early
         accepted = sent[0] * 2
+        # The flood's send is blocked (the server reads nothing), and so would a close be: the
+        # connection is cut, as a client that goes away does.
+        socket.socket.shutdown(__import__("socket").SHUT_RDWR)
     assert accepted < 300, f"{accepted} s of audio accepted from a client that reads nothing"
     assert grown < 20e6, f"the front end kept growing: {grown / 1e6:.0f} MB in 5 s"
     assert httpx.get(f"{frontend_server.url}/healthz").status_code == 200

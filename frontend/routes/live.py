@@ -61,13 +61,23 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
         return
     metrics.LIVE_SESSIONS.inc()
     try:
-        await _serve(websocket, s, avatar, fps, sample_rate)
+        ending = await _serve(websocket, s, avatar, fps, sample_rate)
     finally:
         metrics.LIVE_SESSIONS.dec()
         s.live_slots.release()
+    # The slot is free before the client hears the end: a client that reconnects at once finds it.
+    if isinstance(ending, BaseException):
+        await refuse_websocket(websocket, ending)
+    elif ending == "done":
+        try:
+            await websocket.close()
+        except Exception:  # noqa: BLE001 - the client may have left after "done"
+            pass
 
 
-async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rate: int) -> None:
+async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rate: int):
+    """Run one session to its end, everything it holds released (its Triton calls cancelled,
+    its encoders closed). Returns "done", "gone" (the client left) or the error to tell."""
     loop = asyncio.get_running_loop()
     outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
     closed = threading.Event()
@@ -95,20 +105,23 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
     receiver = asyncio.create_task(_receive_all(websocket, session, sample_rate, options,
                                                 s.settings.live_idle_seconds))
     try:
-        done, _ = await asyncio.wait({worker, receiver}, return_when=asyncio.FIRST_COMPLETED)
-        if receiver in done and receiver.exception() is not None:
-            raise receiver.exception()
+        # Whichever ends first: the session (its last frame queued), the client's side (an error,
+        # a disconnect), or the sending (a client gone while the session was still making frames).
+        done, _ = await asyncio.wait({worker, receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (receiver, sender):
+            if task in done and task.exception() is not None:
+                raise task.exception()
         await worker  # the session ends after its last frame (or raises)
         await outbox.put(None)
         await sender
-        await websocket.close()
+        return "done"
     except (WebSocketDisconnect, ClientGone):
         log.info("live session for %r: the client left after %d frames", avatar.id, session.sent)
+        return "gone"
     except Exception as error:  # noqa: BLE001 - the client hears why, the server serves on
         metrics.triton_error(error)
         log.warning("live session for %r failed after %d frames: %s", avatar.id, session.sent, error)
-        sender.cancel()
-        await refuse_websocket(websocket, error)
+        return error
     finally:
         closed.set()
         session.cancel()
