@@ -4,6 +4,8 @@ avatar preparations mixed, at rising concurrency; then a soak.
     python -m benchmarks.load                               # starts the local stack (tiny models)
     python -m benchmarks.load --steps 1,4,16 --step-seconds 60 --soak-minutes 30
     python -m benchmarks.load --url http://host:8080 --frontend-pid 1234
+    python -m benchmarks.load --steps 16 --soak-minutes 0 --label tiny_cpu_capacity300 \
+        --env MUSETALK_MAX_FRAMES_IN_PROGRESS=300   # a capacity sized for this machine: load shed
 
 Our own script rather than Locust: the mix has WebSocket live sessions and streamed fMP4 whose
 time to first frame is the figure that matters, which Locust measures only with custom users
@@ -226,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-concurrency", type=int, default=4)
     p.add_argument("--clip-seconds", type=float, default=2.0)
     p.add_argument("--label", default="tiny_cpu")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting of the local front end, e.g. MUSETALK_MAX_FRAMES_IN_PROGRESS=300 (repeatable)")
     args = p.parse_args(argv)
+    settings = dict(item.split("=", 1) for item in args.env)
     before = {process.pid for process in psutil.process_iter()}
     server = frontend = None
     url, pid = args.url, args.frontend_pid
     if not url:
-        server, frontend = local_stack("tiny")
+        server, frontend = local_stack("tiny", settings)
         url, pid = frontend.url, frontend.process.pid
     rng, results = random.Random(7), {"steps": [], "soak": None}
     try:
@@ -268,21 +273,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+WARM_UP_S = 300
+
+
 def soak_summary(recorder: Recorder, args, pid: int | None) -> dict:
     memory = recorder.memory
-    warm = [m for t, m, _ in memory if t >= 300] or [m for _, m, _ in memory]  # after 5 minutes
-    after_warm_up, end = warm[:60], warm[-60:]  # the first and the last minute of it
-    minutes = (memory[-1][0] - 300) / 60 if memory and memory[-1][0] > 300 else None
-    growth = statistics.median(end) - statistics.median(after_warm_up) if warm else None
     return {"concurrency": args.soak_concurrency, "minutes": args.soak_minutes,
             **summarise(recorder.outcomes, args.soak_minutes * 60),
             "requests": len(recorder.outcomes),
-            "rss_after_warm_up_mb": round(statistics.median(after_warm_up)) if warm else None,
-            "rss_end_mb": round(statistics.median(end)) if warm else None,
-            "rss_growth_mb": round(growth, 1) if growth is not None else None,
-            "rss_growth_mb_per_hour": round(growth / minutes * 60, 1) if growth is not None and minutes else None,
             "threads_start": memory[0][2] if memory else None, "threads_end": memory[-1][2] if memory else None,
             "memory_over_time": [(round(t), round(m)) for t, m, _ in memory[::30]]}
+
+
+def memory_trend(points: list[tuple[float, float]]) -> dict:
+    """The front end's memory after the warm-up, from (seconds, MB) samples: its trend (a least
+    squares line: RSS swings by a hundred MB with the requests in progress, so two moments
+    compared would say more about the load at those moments than about a leak) and the mean
+    of each third."""
+    warm = np.array([(t, m) for t, m in points if t >= WARM_UP_S], float)
+    if len(warm) < 6:
+        return {}
+    slope = np.polyfit(warm[:, 0] / 3600, warm[:, 1], 1)[0]
+    return {"rss_trend_mb_per_hour": round(float(slope), 1),
+            "rss_thirds_mb": [round(float(part[:, 1].mean())) for part in np.array_split(warm, 3)],
+            "rss_range_mb": [round(float(warm[:, 1].min())), round(float(warm[:, 1].max()))]}
 
 
 def write(args, argv, results: dict) -> None:
@@ -292,7 +306,8 @@ def write(args, argv, results: dict) -> None:
              f"- machine: {machine()}", f"- date: {time.strftime('%Y-%m-%d')}",
              "- random weights (tiny profile): real timings, no lip sync",
              f"- each request: {args.clip_seconds:g} s of speech (whole and streamed answers, a live session at "
-             "real-time pace) or a 20-frame video to prepare; a client that gets 429 waits 1-2 s", "",
+             "real-time pace) or a 20-frame video to prepare; a client that gets 429 waits 1-2 s",
+             "- front-end settings: " + (", ".join(f"`{item}`" for item in args.env) or "the defaults"), "",
              "## Rising concurrency", "",
              "| concurrency | kind | requests | ok | 429 | errors | p50 s | p95 s | first frame p50 s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -312,10 +327,13 @@ def write(args, argv, results: dict) -> None:
             r = soak[kind]
             lines.append(f"| {kind} | {r['requests']} | {r['ok']} | {r['429']} | {r['errors']} | {r['p50_s']} | "
                          f"{r['p95_s']} |")
-        lines += ["", f"Front-end memory (RSS, median of a minute): {soak['rss_after_warm_up_mb']} MB after the "
-                      f"5-minute warm-up, {soak['rss_end_mb']} MB at the end: **{soak['rss_growth_mb']} MB** "
-                      f"({soak['rss_growth_mb_per_hour']} MB an hour). Threads: {soak['threads_start']} at the start, "
-                      f"{soak['threads_end']} at the end.", "",
+        trend = memory_trend(soak["memory_over_time"])
+        if trend:
+            lines += ["", f"Front-end memory (RSS) after the {WARM_UP_S // 60}-minute warm-up: between "
+                          f"{trend['rss_range_mb'][0]} and {trend['rss_range_mb'][1]} MB with the requests in "
+                          f"progress; mean of each third {' / '.join(map(str, trend['rss_thirds_mb']))} MB; "
+                          f"trend (least squares) **{trend['rss_trend_mb_per_hour']} MB an hour**."]
+        lines += ["", f"Threads: {soak['threads_start']} at the start, {soak['threads_end']} at the end.", "",
                   "Memory over time (s, MB): " + ", ".join(f"{t}:{m}" for t, m in soak["memory_over_time"])]
     if "left_behind" in results:
         lines += ["", "Processes left behind once the stack stopped: "

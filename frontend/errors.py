@@ -8,6 +8,7 @@ and closes with code 4000 + status (4404 unknown avatar, 4422 bad input...).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -100,8 +101,9 @@ async def refuse_websocket(websocket: WebSocket, error: BaseException) -> None:
     """A WebSocket's error: the message, then close code 4000 + its status."""
     status, message = status_of(error)
     try:
-        await websocket.send_json({"type": "error", "error": message, "status": status})
-        await websocket.close(code=4000 + status, reason=message[:120])
+        async with asyncio.timeout(5):  # a client that reads nothing is not waited for: its connection is cut
+            await websocket.send_json({"type": "error", "error": message, "status": status})
+            await websocket.close(code=4000 + status, reason=message[:120])
     except Exception:  # noqa: BLE001 - the client may be gone already
         pass
 

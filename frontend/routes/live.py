@@ -8,6 +8,9 @@
                       {"type": "progress", "frames", "audio_seconds", "lag_seconds", "latency_ms"}
                       about twice a second; {"type": "done", "frames": floor(seconds x fps), ...} last.
     errors:           {"type": "error", "error": ..., "status": ...} and close code 4000 + status.
+    limits:           MUSETALK_MAX_LIVE_SECONDS of speech (4413), messages up to 1 MiB (4413), nothing
+                      received, or no video taken, for MUSETALK_LIVE_IDLE_SECONDS (4408; a client that
+                      reads nothing would otherwise hold its slot for ever).
 """
 from __future__ import annotations
 
@@ -82,15 +85,22 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
     outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
     closed = threading.Event()
 
+    stalled_after = s.settings.live_idle_seconds
+
     def send(item: bytes | dict) -> None:  # from the session's thread, in order, waiting for a slow client
         future = asyncio.run_coroutine_threadsafe(outbox.put(item), loop)
+        waited = 0.0
         while True:
             try:
                 return future.result(timeout=0.5)
             except concurrent.futures.TimeoutError:
+                waited += 0.5
                 if closed.is_set():
                     future.cancel()
                     raise ClientGone() from None
+                if waited >= stalled_after:  # a client that reads nothing would hold its slot forever
+                    future.cancel()
+                    raise LiveIdle(f"the client has taken no video for {stalled_after:g} s") from None
 
     options = LiveOptions(batch_size=min(s.settings.batch_size, 8), in_flight=s.settings.in_flight,
                           preset=s.settings.x264_preset, max_seconds=s.settings.max_live_seconds,
