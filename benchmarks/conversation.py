@@ -241,11 +241,13 @@ async def idle_sessions(url: str, count: int, pid: int | None, seconds: float = 
             sessions.append(session)
             watches.append(Watch(await session.watch(), keep_video=False))
         await asyncio.sleep(5.0)  # idle cycles encoded, replay started
+        losses = await picture_losses(url)
         cpu, started, frames = frontend_cpu(pid), time.monotonic(), [len(w.video) for w in watches]
         await asyncio.sleep(seconds)
         elapsed = time.monotonic() - started
         used = (frontend_cpu(pid) - cpu) / elapsed
         rates = [(len(w.video) - n) / elapsed for w, n in zip(watches, frames)]
+        losses = {k: v - losses.get(k, 0) for k, v in (await picture_losses(url)).items()}
     finally:
         for watch in watches:
             watch.stop()
@@ -253,7 +255,16 @@ async def idle_sessions(url: str, count: int, pid: int | None, seconds: float = 
             await session.close()
     return {"sessions": count, "frontend_cpu_percent_of_one_core": round(used * 100, 1),
             "per_session_percent": round(used * 100 / count, 2), "frames_per_second_min": round(min(rates), 1),
-            "frames_per_second_mean": round(float(np.mean(rates)), 1)}
+            "frames_per_second_mean": round(float(np.mean(rates)), 1), "picture_loss_reports": losses}
+
+
+async def picture_losses(url: str) -> dict[str, int]:
+    """The viewers' keyframe requests so far, by what the sessions did with them (/metrics)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{url}/metrics")).text
+    prefix = "musetalk_session_picture_loss_total{"
+    return {line[len(prefix):].split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines() if line.startswith(prefix)}
 
 
 async def speaking_sessions(url: str, count: int, fps: int, seconds: float = 8.0) -> dict:
@@ -373,10 +384,11 @@ def write(args, argv, r: dict) -> None:
               f"{a['offset_last_fifth_ms']} | {a['drift_ms_per_minute']} | {a['clock_rebased']} |", "",
               f"Frames of that session: {a['frames']}; Triton: {a['triton']}."]
     lines += ["", "## Idle sessions, each watched by one viewer (25 fps)", "",
-              "| sessions | front end CPU, % of one core | per session % | frames/s min | mean |",
-              "|---|---|---|---|---|"]
+              "| sessions | front end CPU, % of one core | per session % | frames/s min | mean | viewers' "
+              "keyframe requests (by answer) |", "|---|---|---|---|---|---|"]
     lines += [f"| {s['sessions']} | {s['frontend_cpu_percent_of_one_core']} | {s['per_session_percent']} | "
-              f"{s['frames_per_second_min']} | {s['frames_per_second_mean']} |" for s in r["idle_sessions"]]
+              f"{s['frames_per_second_min']} | {s['frames_per_second_mean']} | "
+              f"{s.get('picture_loss_reports') or 'none'} |" for s in r["idle_sessions"]]
     lines += ["", "## Speaking sessions at once (TTS-paced speech)", "",
               "| sessions | fps | speech s | holds per speech frame (worst) | real time |", "|---|---|---|---|---|"]
     lines += [f"| {s['sessions']} | {s['fps']} | {s['speech_seconds']} | {s['holds_per_speech_frame_max']} | "

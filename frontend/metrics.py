@@ -31,6 +31,9 @@ SESSIONS = Gauge("musetalk_sessions", "Conversational sessions (POST /sessions) 
 SESSION_VIEWERS = Gauge("musetalk_session_viewers", "WebRTC viewers of conversational sessions now")
 SESSION_FRAMES = Counter("musetalk_session_frames", "Conversational sessions' video frames, by kind "
                          "(idle, speech, transition, hold)", ["kind"])
+SESSION_PICTURE_LOSS = Counter("musetalk_session_picture_loss", "Viewers' keyframe requests (PLI/FIR), by what "
+                               "the session did: keyframe (encoded one), replay (the idle replay's next keyframe "
+                               "answers it), throttled (one was sent less than a second ago)", ["result"])
 SESSION_SPEECH_START = Histogram("musetalk_session_speech_start_seconds", "From a speech segment's first audio "
                                  "received to its first frame sent", buckets=SECONDS)
 LIVE_SESSIONS = Gauge("musetalk_live_sessions", "Live sessions (WebSocket /ws/live) open now")

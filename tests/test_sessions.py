@@ -19,7 +19,7 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from benchmarks.conversation import Watch, blocks_changed
+from benchmarks.conversation import Watch, blocks_changed, picture_losses
 from client import MuseTalkClient
 from client.sessions import AvatarSession
 from support import SPEECH, settled_count
@@ -199,6 +199,33 @@ def test_silent_frames_show_the_avatar_without_a_triton_call(frontend_server):
     assert status["frames"]["speech"] == frames
     assert status["triton"]["silent_frames"] >= SPEAKING_FPS // 2  # most of the second of silence
     assert status["triton"]["faces"] + status["triton"]["silent_frames"] == frames
+
+
+def test_a_picture_loss_during_the_idle_replay_waits_for_the_replays_keyframe(frontend_server):
+    """A viewer's keyframe request (PLI, as aiortc's jitter buffer sends when it loses a picture)
+    while the idle cycle is replayed is answered by the replay's next keyframe, not by a live
+    encoder: receivers that fall behind would otherwise take every session off its replay."""
+    async def scenario():
+        session, watch = await open_watched(frontend_server.url, fps=FPS)
+        await asyncio.sleep(3.0)  # the replay has reached one of its keyframes (every 2 s) and plays
+        receiver = next(r for r in watch.viewer.pc.getReceivers() if r.track.kind == "video")
+        ssrc = next(iter(receiver._RTCRtpReceiver__active_ssrc))
+        before = await picture_losses(frontend_server.url)
+        for _ in range(3):
+            await receiver._send_rtcp_pli(ssrc)
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
+        after = await picture_losses(frontend_server.url)
+        frames = len(watch.video)
+        await asyncio.sleep(1.0)
+        arriving = len(watch.video) - frames
+        watch.stop()
+        await session.close()
+        return {k: v - before.get(k, 0) for k, v in after.items()}, arriving
+
+    answered, arriving = run(scenario())
+    assert answered.get("replay") == 3 and not answered.get("keyframe"), answered
+    assert arriving > FPS / 2  # and the video goes on
 
 
 def test_viewers_that_leave_and_sessions_that_end_free_everything(frontend_server, triton):

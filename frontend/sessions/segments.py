@@ -24,7 +24,6 @@ from frontend.speech import audio
 from frontend.speech.pcm import EMPTY, Pcm16, Resampler
 from frontend.video.rtc import AUDIO_RATE
 
-START_FRAMES = 3  # a segment starts once this many of its frames are ready
 ENERGY_BLOCK = specs.SAMPLE_RATE // 100  # 10 ms at 16 kHz (half an encoder step): the silence test's resolution
 
 
@@ -112,11 +111,19 @@ class Segment:
         return alpha is not None and (alpha == 0 or k in self.faces)
 
     def ready_to_start(self) -> bool:
-        """Whether its first START_FRAMES frames can play: a segment that started on frame 0 alone
-        would hold on frame 1 while the first batches are still coming (a silent frame 0 needs
-        no face and is ready at once), and a freeze in speech shows more than a later start."""
-        count = START_FRAMES if self.frames is None else min(START_FRAMES, self.frames)
-        return all(self.ready(k) for k in range(count))
+        """Whether it can start: its frames up to the first that shows a face are ready (all of
+        them, in a segment without one). A silent frame needs no face and is ready at once: a
+        segment that started on its silent first frames alone would hold on the first face while
+        it is still coming, and a freeze in speech shows more than a later start. A face first
+        starts at once: the ramp's next, smaller batches are right behind it."""
+        k = 0
+        while self.frames is None or k < self.frames:
+            if not self.ready(k):
+                return False
+            if self.alpha(k) != 0:
+                return True
+            k += 1
+        return True
 
     def face(self, k: int) -> np.ndarray | None:
         return self.faces.pop(k, None)

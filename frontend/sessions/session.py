@@ -54,6 +54,7 @@ from frontend.video.rtc import AUDIO_RATE, EncodedFrame, OpusEncoder, VideoEncod
 log = logging.getLogger("musetalk.frontend")
 
 LEAD_S = 0.02  # a tick is produced this long before it is due (its encoding fits in it)
+PICTURE_LOSS_INTERVAL_S = 1.0  # at most one keyframe a second for viewers' picture-loss reports
 REBASE_S = 0.25  # a tick later than this moves the clock, for both tracks: no burst of late frames
 POLL_S = 0.005  # how often generation is looked at while Triton has work of the session's
 INTERRUPT_FADE_STEP = 0.5  # an interrupted face fades out in at most two frames: barge-in is seen at once
@@ -132,6 +133,7 @@ class VideoOut:
                                     keyframe_interval=max(1, round(options.keyframe_seconds * options.fps)))
         self.replaying = False
         self.keyframe_wanted = True
+        self.last_loss_keyframe = 0.0  # when a keyframe last answered a picture loss (time.monotonic)
 
     def frame(self, tick: Tick, picture: Callable[[], np.ndarray]) -> EncodedFrame:
         if tick.kind == "idle" and not self.keyframe_wanted:
@@ -234,10 +236,28 @@ class Session:
             return self._viewers.get(viewer_id)
 
     def want_keyframe(self, codec: str) -> None:
-        """A viewer joined or lost a picture: the next frame of its codec is a keyframe."""
+        """A viewer joined: the next frame of its codec is a keyframe."""
         out = self.outs.get(codec)
         if out is not None:
             out.keyframe_wanted = True
+
+    def picture_lost(self, codec: str) -> None:
+        """A viewer lost its picture (PLI/FIR). While the idle replay plays, its next keyframe (at
+        most its GOP away) answers it: a live keyframe would take the session off the replay, and
+        every viewer of the codec onto live encoding, for up to that long. Otherwise a keyframe, at
+        most one a second: a receiver that cannot keep up asks again and again, and answering
+        each request would load the encoder when the network or the viewer is already struggling."""
+        out = self.outs.get(codec)
+        if out is None:
+            return
+        now = time.monotonic()
+        if out.replaying:
+            result = "replay"
+        elif now - out.last_loss_keyframe < PICTURE_LOSS_INTERVAL_S:
+            result = "throttled"
+        else:
+            out.keyframe_wanted, out.last_loss_keyframe, result = True, now, "keyframe"
+        metrics.SESSION_PICTURE_LOSS.labels(result).inc()
 
     def listen(self, notify: Callable[[dict, float], None]) -> None:
         """`notify(event, at)` gets every speech event, `at` being when (time.monotonic) it happens."""

@@ -148,8 +148,8 @@ async def connect(session, offer_sdp: str, ice_servers: list[dict], on_gone) -> 
         await pc.close()
         raise OfferError(f"the SDP offer cannot be answered: {error}") from None
     # A picture-loss report (PLI/FIR) asks for a keyframe: aiortc would force one in its own
-    # encoder, which these packets bypass, so the session encodes one.
-    video.sender._send_keyframe = lambda: session.want_keyframe(viewer.codec)
+    # encoder, which these packets bypass, so the session answers it (Session.picture_lost).
+    video.sender._send_keyframe = lambda: session.picture_lost(viewer.codec)
 
     @pc.on("connectionstatechange")
     async def changed() -> None:
