@@ -27,7 +27,7 @@ from frontend.avatars.jobs import Job, Jobs
 from frontend.avatars.media import Media, open_media
 from frontend.errors import NotReady, UploadTooLarge, status_of
 from frontend.sessions.idle import IdleCycles
-from frontend.sessions.registry import Sessions
+from frontend.sessions.registry import LiveSlots, Sessions
 from frontend.sessions.session import SessionOptions
 from frontend.settings import Settings
 
@@ -42,7 +42,7 @@ class Services:
     client: MuseTalkClient
     store: avatars.AvatarStore
     jobs: Jobs
-    live_slots: threading.BoundedSemaphore  # conversational sessions and /ws/live sessions together
+    live_slots: LiveSlots  # conversational sessions and /ws/live sessions together
     sessions: Sessions
     generations: Admission  # POST /onnx-infer, whole and streamed, by frames
     readiness: Readiness | None = None
@@ -56,8 +56,8 @@ class Services:
         client = MuseTalkClient(settings.triton_url, settings.triton_protocol,
                                 max_in_flight=settings.in_flight * (4 + settings.max_live_sessions))
         store = avatars.AvatarStore(settings.avatar_dir, int(settings.avatar_cache_mb * 2**20))
-        slots = threading.BoundedSemaphore(settings.max_live_sessions)
-        sessions = Sessions(client, slots, settings.max_live_sessions, settings.session_idle_seconds,
+        slots = LiveSlots(settings.max_live_sessions)
+        sessions = Sessions(client, slots, settings.session_idle_seconds,
                             settings.ice_servers, IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP))
         generations = Admission("generation", settings.max_frames_in_progress, settings.admission_queue,
                                 settings.admission_wait_seconds, "frames")

@@ -24,7 +24,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from frontend import metrics
 from frontend.errors import refuse_websocket
-from frontend.generation.live import LiveError, LiveIdle, LiveOptions, LiveSession, LiveTooLong, TooManySessions
+from frontend.generation.live import LiveError, LiveIdle, LiveOptions, LiveSession, LiveTooLong
 from frontend.services import Services
 
 router = APIRouter(tags=["live"])
@@ -55,10 +55,7 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
         fps = int_parameter("fps", fps, 1, 60)
         sample_rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
         avatar = s.avatar(avatar_id)
-        slot = s.live_slots.acquire(blocking=False)
-        metrics.ADMISSIONS.labels("session", "admitted" if slot else "refused").inc()
-        if not slot:
-            raise TooManySessions(f"all {s.settings.max_live_sessions} live sessions are taken; retry later")
+        s.live_slots.take()
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
         await refuse_websocket(websocket, error)
         return

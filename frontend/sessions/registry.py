@@ -32,19 +32,33 @@ class SpeechSocketBusy(RuntimeError):
     """The session already has a speech socket (two would mix their speech)."""
 
 
+class LiveSlots:
+    """The front end's live sessions, conversational and /ws/live together: `take` one or
+    TooManySessions (a 429), counted in musetalk_admissions_total{kind="session"}."""
+
+    def __init__(self, limit: int):
+        self.limit, self._free = limit, threading.BoundedSemaphore(limit)
+
+    def take(self) -> None:
+        if not self._free.acquire(blocking=False):
+            metrics.ADMISSIONS.labels("session", "refused").inc()
+            raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
+        metrics.ADMISSIONS.labels("session", "admitted").inc()
+
+    def release(self) -> None:
+        self._free.release()
+
+
 class Sessions:
-    def __init__(self, client, slots: threading.BoundedSemaphore, limit: int, idle_seconds: float,
+    def __init__(self, client, slots: LiveSlots, idle_seconds: float,
                  ice_servers: list[dict], idle_cycles: IdleCycles):
-        self.client, self.slots, self.limit, self.idle_seconds = client, slots, limit, idle_seconds
+        self.client, self.slots, self.idle_seconds = client, slots, idle_seconds
         self.ice_servers, self.idle_cycles = ice_servers, idle_cycles
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     def create(self, avatar: Avatar, options: SessionOptions) -> Session:
-        if not self.slots.acquire(blocking=False):
-            metrics.ADMISSIONS.labels("session", "refused").inc()
-            raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
-        metrics.ADMISSIONS.labels("session", "admitted").inc()
+        self.slots.take()
         session = Session(secrets.token_urlsafe(12), avatar, self.client, options, self.idle_cycles)
         with self._lock:
             self._sessions[session.id] = session
