@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
-from pathlib import Path
+
+from contract import cpu
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    """"AMD EPYC (AVX-512, AVX512-BF16, AVX512-VNNI; no AMX-BF16), 2 cores, 24 GiB": the CPU with the
+    flags that decide its speed (the same VM size may be a CPU with bf16 or one without)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB"
+    return f"{cpu.describe()}, {os.cpu_count()} cores, {memory:.0f} GiB"
 
 
 def invocation(module: str, argv: list[str] | None) -> str:

@@ -6,6 +6,7 @@ contract it checks inputs against is `contract.specs`.
 from client.aio import AsyncMuseTalkClient
 from client.client import MuseTalkClient
 from client.errors import (
+    DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
     ModelNotFound,
@@ -23,4 +24,5 @@ __all__ = [
     "ModelNotReady",
     "InvalidInput",
     "InferenceFailed",
+    "DeadlineExceeded",
 ]

@@ -13,6 +13,7 @@ import asyncio
 
 import numpy as np
 
+from client.deadlines import UNKNOWN_S, Deadlines
 from client.errors import translate
 from client.readiness import wait_for_async
 from client.requests import (
@@ -32,15 +33,19 @@ from contract import specs
 
 
 class AsyncMuseTalkClient(NamedCalls):
+    """`timeout_s` as MuseTalkClient's: None (the default) gives each request a deadline from
+    the work ahead of it and the server's measured pace (client.deadlines)."""
+
     def __init__(self, url: str | None = None, protocol: str = "grpc", max_in_flight: int = 4,
-                 timeout_s: float = 300.0):
+                 timeout_s: float | None = None):
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
+        self.deadlines = Deadlines(timeout_s)
         self.max_in_flight = max_in_flight
         self._module = protocol_module(protocol, aio=True)
         # aiohttp's conn_timeout bounds the whole request: a CPU server may need minutes.
-        extra = {"conn_timeout": timeout_s} if protocol == "http" else {}
+        extra = {"conn_timeout": timeout_s or UNKNOWN_S} if protocol == "http" else {}
         self._client = self._module.InferenceServerClient(self.url, **extra)
 
     async def server_ready(self) -> bool:
@@ -88,14 +93,20 @@ class AsyncMuseTalkClient(NamedCalls):
         return (await self.infer(spec.name, dict(zip(names, arrays))))[spec.outputs[0].name]
 
     async def _send(self, model, spec, arrays) -> dict[str, np.ndarray]:
+        ticket = self.deadlines.start(model, len(next(iter(arrays.values()))))
         try:
             inputs = make_inputs(self._module, arrays)
             outputs = make_outputs(self._module, spec)
             result = await self._client.infer(model, inputs, outputs=outputs,
-                                              **infer_kwargs(self.protocol, self.timeout_s))
-            return read_outputs(result, spec)
-        except Exception as error:  # noqa: BLE001
-            raise translate(error, model) from error
+                                              **infer_kwargs(self.protocol, ticket.deadline_s))
+            outputs = read_outputs(result, spec)
+        except BaseException as error:  # noqa: BLE001 - cancelled too: the ticket ends either way
+            self.deadlines.finish(ticket, answered=False)
+            if not isinstance(error, Exception):
+                raise
+            raise ticket.failure(error) from error
+        self.deadlines.finish(ticket, answered=True)
+        return outputs
 
     async def close(self) -> None:
         await self._client.close()

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from client.deadlines import UNKNOWN_S, Deadlines, Ticket
 from client.errors import ServerUnavailable, translate
 from client.readiness import wait_for
 from client.requests import (
@@ -50,15 +51,19 @@ class MuseTalkClient(NamedCalls):
         url: "host:port" (default localhost:8001 for gRPC, localhost:8000 for HTTP).
         protocol: "grpc" or "http".
         max_in_flight: requests kept in flight when an input is split into batches.
-        timeout_s: per-request network timeout.
+        timeout_s: every request's deadline in seconds. None (the default): each request's
+            deadline follows from the work ahead of it and the server's measured pace
+            (client.deadlines); `client.deadlines.seconds_per_item(model)` reads that pace.
+            Over HTTP it bounds the connection's reads (default client.deadlines.UNKNOWN_S).
         shared_memory: pass tensors through system shared memory (same host only).
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", max_in_flight: int = 4,
-                 timeout_s: float = 300.0, shared_memory: bool = False):
+                 timeout_s: float | None = None, shared_memory: bool = False):
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
+        self.deadlines = Deadlines(timeout_s)
         self.shared_memory = shared_memory
         self._module = protocol_module(protocol)
         self._local = threading.local()
@@ -137,24 +142,28 @@ class MuseTalkClient(NamedCalls):
 
     def _start(self, spec: specs.ModelSpec, arrays: tuple[np.ndarray, ...]) -> Future:
         _, parts = split(spec.name, dict(zip([t.name for t in spec.inputs], arrays)))
-        future = _Cancellable(len(parts))
+        future = _Cancellable(len(parts), self.deadlines)
         try:
             client = self._async_client()
             for index, part in enumerate(parts):
-                def done(result, error, index=index) -> None:  # on gRPC's thread: must not raise
+                ticket = self.deadlines.start(spec.name, len(next(iter(part.values()))))
+                future.tickets.append(ticket)
+
+                def done(result, error, index=index, ticket=ticket) -> None:  # on gRPC's thread: must not raise
+                    self.deadlines.finish(ticket, answered=error is None)
                     try:
                         if error is not None:
                             raise error
                         future.part_done(index, read_outputs(result, spec)[spec.outputs[0].name])
                     except BaseException as failure:  # noqa: BLE001 - the future carries it
-                        future.part_failed(translate(failure, spec.name))
+                        future.part_failed(ticket.failure(failure))
 
                 inputs, outputs = make_inputs(self._module, part), make_outputs(self._module, spec)
                 # tritonclient's async_infer keeps the call on the client object between sending it
                 # and adding the callback: two threads at once would swap their callbacks.
                 with self._async_lock:
                     future.contexts.append(client.async_infer(spec.name, inputs, done, outputs=outputs,
-                                                              **infer_kwargs(self.protocol, self.timeout_s)))
+                                                              **infer_kwargs(self.protocol, ticket.deadline_s)))
         except Exception as error:  # noqa: BLE001 - the future carries every failure
             future.cancel()
             failure = translate(error, spec.name)
@@ -188,17 +197,22 @@ class MuseTalkClient(NamedCalls):
               arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         worker = self._worker()
         arena = worker.arena(spec) if (self.shared_memory and spec) else None
+        batch = len(next(iter(arrays.values())))
+        ticket = self.deadlines.start(model, batch)
         try:
             inputs = make_inputs(self._module, arrays, arena)
-            outputs = make_outputs(self._module, spec, arena, len(next(iter(arrays.values()))))
+            outputs = make_outputs(self._module, spec, arena, batch)
             result = worker.client.infer(model, inputs, outputs=outputs,
-                                         **infer_kwargs(self.protocol, self.timeout_s))
-            return read_outputs(result, spec, arena)
+                                         **infer_kwargs(self.protocol, ticket.deadline_s))
+            outputs = read_outputs(result, spec, arena)
         except Exception as error:  # noqa: BLE001 - every failure gets a clear type
-            failure = translate(error, model)
+            self.deadlines.finish(ticket, answered=False)
+            failure = ticket.failure(error)
             if isinstance(failure, ServerUnavailable):
                 self._drop_worker()
             raise failure from error
+        self.deadlines.finish(ticket, answered=True)
+        return outputs
 
     # -- lifecycle ------------------------------------------------------------------------
     def _worker(self) -> _Worker:
@@ -207,7 +221,7 @@ class MuseTalkClient(NamedCalls):
         if worker is None:
             try:
                 worker = _Worker(self._module.InferenceServerClient(
-                    self.url, **connection_kwargs(self.protocol, self.timeout_s)))
+                    self.url, **connection_kwargs(self.protocol, self.timeout_s or UNKNOWN_S)))
             except Exception as error:  # noqa: BLE001
                 raise translate(error, None) from error
             self._local.worker = worker
@@ -253,9 +267,11 @@ class _Cancellable(Future):
     """The Future of a request sent with gRPC's asynchronous call, in one or more parts:
     `cancel()` cancels every part on the server too, until the answer has arrived."""
 
-    def __init__(self, parts: int):
+    def __init__(self, parts: int, deadlines: Deadlines):
         super().__init__()
         self.contexts: list = []  # tritonclient's CallContext per part
+        self.tickets: list[Ticket] = []
+        self._deadlines = deadlines
         self._parts: list = [None] * parts
         self._missing = parts
         self._guard = threading.Lock()
@@ -265,6 +281,8 @@ class _Cancellable(Future):
             return False
         for context in self.contexts:
             context.cancel()
+        for ticket in self.tickets:
+            self._deadlines.finish(ticket, answered=False)
         return True
 
     def part_done(self, index: int, output: np.ndarray) -> None:

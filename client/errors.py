@@ -34,12 +34,17 @@ class InferenceFailed(TritonClientError):
     """The model ran and failed, or the server answered an unexpected error."""
 
 
+class DeadlineExceeded(TritonClientError):
+    """No answer within the request's deadline (client.deadlines says how it was set)."""
+
+
 # What the server's answer means, by the status code tritonclient's exception
 # carries: gRPC status codes, or HTTP statuses (Triton maps them alike).
 _BY_STATUS = {
     "StatusCode.INVALID_ARGUMENT": InvalidInput, "400": InvalidInput,
     "StatusCode.NOT_FOUND": ModelNotFound, "404": ModelNotFound,
     "StatusCode.UNAVAILABLE": ServerUnavailable, "503": ModelNotReady,
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
 }
 
 

@@ -211,6 +211,7 @@ class Speech:
     def __init__(self, socket):
         self.socket = socket
         self.events: asyncio.Queue[dict] = asyncio.Queue()
+        self.seen: list[dict] = []  # every event so far, in the order the session sent them
         self.closed: int | None = None  # the close code, once closed
         self._reader = asyncio.ensure_future(self._read())
 
@@ -237,6 +238,7 @@ class Speech:
                 if isinstance(message, str):
                     event = json.loads(message)
                     event["received"] = time.monotonic()
+                    self.seen.append(event)
                     self.events.put_nowait(event)
         except websockets.ConnectionClosed:
             pass

@@ -22,12 +22,18 @@ import numpy as np
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def onnxruntime_runner(path: Path, threads: int = 0, providers: list | None = None) -> Runner:
-    """onnxruntime on the CPU (default), or with the given execution providers (CUDA, TensorRT)."""
+def onnxruntime_runner(path: Path, threads: int = 0, providers: list | None = None, spin: bool = True) -> Runner:
+    """onnxruntime on the CPU (default), or with the given execution providers (CUDA, TensorRT).
+
+    `spin=False` makes idle worker threads sleep instead of spinning between operators: where
+    several models share the cores (the local server's models run in processes of their own),
+    a spinning pool takes the cores another model is computing on."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Without the arena, a batch's activations (GBs for the VAE at 256x256) go
     # back to the system after the call instead of staying reserved for ever.
     options.enable_cpu_mem_arena = False
@@ -56,10 +62,10 @@ RUNTIMES = ("onnxruntime", "openvino")
 
 
 def open_runner(path: Path, runtime: str = "onnxruntime", precision: str = "f32",
-                threads: int = 0) -> Runner:
-    """A runner for the ONNX file at `path` (precision applies to OpenVINO only)."""
+                threads: int = 0, spin: bool = True) -> Runner:
+    """A runner for the ONNX file at `path` (precision applies to OpenVINO only, `spin` to onnxruntime)."""
     if runtime == "onnxruntime":
-        return onnxruntime_runner(path, threads)
+        return onnxruntime_runner(path, threads, spin=spin)
     if runtime == "openvino":
         return openvino_runner(path, precision, threads)
     raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")

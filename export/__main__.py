@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from contract import cpu
 from contract.layout import model_path
 from export import precision
 from export.architectures import PROFILES
@@ -103,7 +104,11 @@ def gate_reduced_precision(repository: Path) -> None:
     elif precision.recorded_verdict(repository) is None:  # measured before verdicts were recorded
         precision.record(repository, psnr)
     passed = precision.recorded_verdict(repository) == "pass"
-    runs = "bf16 (OpenVINO)" if passed else "fp32 (onnxruntime)"
+    if passed:
+        here = "this one does" if "BF16" in cpu.capabilities() else "this one does not: fp32 here"
+        runs = f"bf16 (OpenVINO) on CPUs with native bf16 ({here})"
+    else:
+        runs = "fp32 (onnxruntime)"
     print(f"[gate] bf16 core face PSNR {psnr:.1f} dB {'passes' if passed else 'FAILS'} the "
           f"{precision.GATE_DB:g} dB gate: the CPU server runs unet and vae_decoder in {runs}")
 

@@ -8,6 +8,12 @@ each for at most `wait_s`, and refuses the rest at once with 429 and a Retry-Aft
 estimated from how fast work has been finishing. A request bigger than the whole
 capacity runs when it would be alone. Each kind of work (generations, avatar
 preparations) has its own; live sessions have their slots (MUSETALK_MAX_LIVE_SESSIONS).
+
+Where the operator sets a time limit (MUSETALK_MAX_REQUEST_SECONDS) and the server's pace
+is known (seconds per unit, measured by the client: client.deadlines), the capacity is also
+what the server finishes within that limit: a request that alone would take longer is
+refused at once (503 with the estimate), not failed after minutes; one that fits alone
+but not beside the work in progress waits, or hears when to retry (429).
 """
 from __future__ import annotations
 
@@ -15,24 +21,56 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from frontend import metrics
+from frontend.exceptions import TooManySessions
 
 RATE_WINDOW_S = 60.0
+# Work too long for this server may fit once its pace is measured again (a less busy server,
+# another replica behind the same address): worth a retry, not soon.
+RETRY_TOO_LONG_S = 60.0
 
 
 class Overloaded(RuntimeError):
-    """The front end is at capacity: 429, with the seconds after which a retry should fit."""
+    """The front end is at capacity: 429, with the seconds after which a retry should fit;
+    `details` go into the JSON answer beside the message."""
 
-    def __init__(self, message: str, retry_after: float):
+    def __init__(self, message: str, retry_after: float, **details):
         super().__init__(message)
         self.retry_after = max(1, math.ceil(retry_after))
+        self.details = details
+
+
+class TooLong(Overloaded):
+    """Work the server would need longer for than the operator's time limit, even alone: 503."""
+
+
+class LiveSlots:
+    """The front end's live sessions, conversational and /ws/live together: `take` one or
+    TooManySessions (a 429), counted in musetalk_admissions_total{kind="session"}."""
+
+    def __init__(self, limit: int):
+        self.limit, self._free = limit, threading.BoundedSemaphore(limit)
+
+    def take(self) -> None:
+        if not self._free.acquire(blocking=False):
+            metrics.ADMISSIONS.labels("session", "refused").inc()
+            raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
+        metrics.ADMISSIONS.labels("session", "admitted").inc()
+        metrics.LIVE_SLOTS_IN_USE.inc()
+
+    def release(self) -> None:
+        self._free.release()
+        metrics.LIVE_SLOTS_IN_USE.dec()
 
 
 class Admission:
-    def __init__(self, kind: str, capacity: float, queue: int, wait_s: float, unit: str):
+    def __init__(self, kind: str, capacity: float, queue: int, wait_s: float, unit: str,
+                 pace: Callable[[], float | None] = lambda: None, limit_s: float | None = None):
         self.kind, self.capacity, self.queue, self.wait_s, self.unit = kind, capacity, queue, wait_s, unit
+        self.pace, self.limit_s = pace, limit_s  # seconds per unit (None: not measured yet); the limit
         self.in_use = 0.0
         self.waiting = 0
         self.finished: deque[tuple[float, float]] = deque()  # (when, units) of the last RATE_WINDOW_S
@@ -49,10 +87,20 @@ class Admission:
             return None
         return sum(units for _, units in self.finished) / max(1.0, now - self.finished[0][0])
 
+    def timed_capacity(self) -> float | None:
+        """The units the server finishes within the time limit at its measured pace (None: no
+        limit, or no pace measured yet)."""
+        pace = self.pace()
+        return self.limit_s / pace if self.limit_s and pace else None
+
+    def capacity_now(self) -> float:
+        timed = self.timed_capacity()
+        return self.capacity if timed is None else min(self.capacity, timed)
+
     def retry_after(self, cost: float) -> float:
         """Seconds until `cost` more units would fit, at the recent pace (5 s until it is known)."""
         rate = self.rate
-        return 5.0 if not rate else max(1.0, (self.in_use + cost - self.capacity) / rate)
+        return 5.0 if not rate else max(1.0, (self.in_use + cost - self.capacity_now()) / rate)
 
     @contextmanager
     def admit(self, cost: float):
@@ -64,9 +112,10 @@ class Admission:
             self.release(cost)
 
     def acquire(self, cost: float) -> None:
+        self._refuse_if_too_long(cost)
         cost = min(cost, self.capacity)  # the biggest runs when it is alone
         with self._condition:
-            if self.in_use + cost > self.capacity:
+            if self.in_use + cost > self.capacity_now():
                 if self.waiting >= self.queue:
                     self._refuse(cost, f"{self.waiting} requests are waiting already")
                 self.waiting += 1
@@ -74,7 +123,7 @@ class Admission:
                 metrics.ADMISSIONS.labels(self.kind, "queued").inc()
                 try:
                     deadline = time.monotonic() + self.wait_s
-                    while self.in_use + cost > self.capacity:
+                    while self.in_use + cost > self.capacity_now():
                         left = deadline - time.monotonic()
                         if left <= 0:
                             self._refuse(cost, f"waited {self.wait_s:g} s")
@@ -97,5 +146,19 @@ class Admission:
     def _refuse(self, cost: float, why: str) -> None:
         metrics.ADMISSIONS.labels(self.kind, "refused").inc()
         retry = self.retry_after(cost)
-        raise Overloaded(f"at capacity for {self.kind} ({self.in_use:g} of {self.capacity:g} {self.unit} "
-                         f"in progress; {why}); retry in about {math.ceil(retry)} s", retry)
+        pace = self.pace()
+        estimate = {"estimated_seconds": round((self.in_use + cost) * pace, 1)} if pace else {}
+        raise Overloaded(f"at capacity for {self.kind} ({self.in_use:g} of {self.capacity_now():.0f} {self.unit} "
+                         f"in progress; {why}); retry in about {math.ceil(retry)} s", retry, **estimate)
+
+    def _refuse_if_too_long(self, cost: float) -> None:
+        timed, pace = self.timed_capacity(), self.pace()
+        if timed is None or cost <= timed:
+            return
+        metrics.ADMISSIONS.labels(self.kind, "too_long").inc()
+        estimate = cost * pace
+        raise TooLong(
+            f"{cost:g} {self.unit} would take this server about {estimate:.0f} s ({pace:.3g} s each, as "
+            f"measured), over its {self.limit_s:g} s limit (MUSETALK_MAX_REQUEST_SECONDS): send less at once",
+            RETRY_TOO_LONG_S, estimated_seconds=round(estimate, 1), limit_seconds=self.limit_s,
+            seconds_per_unit=round(pace, 4))

@@ -2,7 +2,8 @@
 
 Errors are JSON: {"error": "...what was wrong..."}. Bad input is a 4xx and
 loses nothing; 503 means Triton, a model or the default avatar is not ready yet
-(retry); 502 means Triton failed on a request it accepted. A live session
+(retry); 502 means Triton failed on a request it accepted, 504 that it gave no answer within
+the request's deadline (set from the work and the server's measured pace: client.deadlines). A live session
 (WebSocket) gets the same as a message {"type": "error", "error": ..., "status": ...}
 and closes with code 4000 + status (4404 unknown avatar, 4422 bad input...).
 """
@@ -17,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from client.errors import (
+    DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -24,13 +26,19 @@ from client.errors import (
     TritonClientError,
 )
 from frontend import metrics
-from frontend.admission import Overloaded
+from frontend.admission import Overloaded, TooLong
 from frontend.avatars.media import MediaError, MediaTooLarge
 from frontend.avatars.store import AvatarChanged, AvatarError, AvatarExists, AvatarNotFound
-from frontend.generation.live import LiveError, LiveIdle, LiveTooLong, TooManySessions
-from frontend.sessions.registry import SessionNotFound, SpeechSocketBusy
-from frontend.sessions.segments import SegmentTooLong
-from frontend.sessions.viewers import OfferError
+from frontend.exceptions import (
+    LiveError,
+    LiveIdle,
+    LiveTooLong,
+    OfferError,
+    SegmentTooLong,
+    SessionNotFound,
+    SpeechSocketBusy,
+    TooManySessions,
+)
 from frontend.speech.audio import AudioError
 
 log = logging.getLogger("musetalk.frontend")
@@ -71,6 +79,7 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     LiveIdle: (408, ""),
     TooManySessions: (429, ""),
     Overloaded: (429, ""),
+    TooLong: (503, ""),
     SessionNotFound: (404, ""),
     SpeechSocketBusy: (409, ""),
     SegmentTooLong: (413, ""),
@@ -80,6 +89,7 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     ModelNotReady: (503, "inference server unavailable: "),
     ModelNotFound: (503, "inference server unavailable: "),
     NotReady: (503, ""),
+    DeadlineExceeded: (504, "inference timed out: "),
     TritonClientError: (502, "inference failed: "),
 }
 
@@ -116,8 +126,8 @@ def install(app: FastAPI) -> None:
         status, message = status_of(error)
         if status >= 500:
             log.warning("%s", message)
-        response = error_response(status, message)
-        if getattr(error, "retry_after", None):  # 429: when a retry should fit
+        response = error_response(status, message, **getattr(error, "details", {}))
+        if getattr(error, "retry_after", None):  # 429, 503 for work too long: when a retry may fit
             response.headers["Retry-After"] = str(error.retry_after)
         if isinstance(error, UploadTooLarge):  # the rest of the body is not wanted: the connection ends
             response.headers["Connection"] = "close"

@@ -28,6 +28,11 @@ PREPARATIONS = Counter("musetalk_avatar_preparations", "Avatar preparations that
 PREPARATION_SECONDS = Histogram("musetalk_avatar_preparation_seconds", "Seconds to prepare an avatar",
                                 buckets=SECONDS)
 SESSIONS = Gauge("musetalk_sessions", "Conversational sessions (POST /sessions) open now")
+SESSION_THREADS = Gauge("musetalk_session_threads", "Conversational sessions' threads running now (one per session "
+                        "until its end has released everything)")
+SESSION_ERRORS = Counter("musetalk_session_housekeeping_errors", "Unexpected errors of the sessions' expiry loop "
+                         "(logged; the loop goes on)")
+LIVE_SLOTS_IN_USE = Gauge("musetalk_live_slots_in_use", "Live-session slots taken now (conversational and /ws/live)")
 SESSION_VIEWERS = Gauge("musetalk_session_viewers", "WebRTC viewers of conversational sessions now")
 SESSION_FRAMES = Counter("musetalk_session_frames", "Conversational sessions' video frames, by kind "
                          "(idle, speech, transition, hold)", ["kind"])
@@ -60,8 +65,8 @@ def triton_error(error: BaseException) -> None:
         TRITON_ERRORS.labels(type(error).__name__).inc()
 
 ADMISSIONS = Counter("musetalk_admissions", "Admission control: requests admitted at once or after a wait, "
-                     "queued (they waited), refused with 429, by kind (generation, preparation, session: "
-                     "conversational and /ws/live)",
+                     "queued (they waited), refused with 429, too_long (503: over MUSETALK_MAX_REQUEST_SECONDS "
+                     "at the measured pace), by kind (generation, preparation, session: conversational and /ws/live)",
                      ["kind", "result"])
 ADMISSION_IN_USE = Gauge("musetalk_admission_in_use", "Units of work in progress (generation: frames; "
                          "preparation: jobs)", ["kind"])

@@ -20,14 +20,14 @@ from starlette.requests import HTTPConnection
 from client import MuseTalkClient
 from contract import specs
 from contract.layout import SYNTHETIC_KEY
-from frontend.admission import Admission
+from frontend.admission import Admission, LiveSlots
 from frontend.avatars import preparation
 from frontend.avatars import store as avatars
 from frontend.avatars.jobs import Job, Jobs
 from frontend.avatars.media import Media, open_media
 from frontend.errors import NotReady, UploadTooLarge, status_of
 from frontend.sessions.idle import IdleCycles
-from frontend.sessions.registry import LiveSlots, Sessions
+from frontend.sessions.registry import Sessions
 from frontend.sessions.session import SessionOptions
 from frontend.settings import Settings
 
@@ -48,6 +48,7 @@ class Services:
     readiness: Readiness | None = None
     _default_thread: threading.Thread | None = None  # preparing the default avatar (waits for Triton)
     _default_error: str | None = None  # why that failed before its job existed
+    warmed: threading.Event | None = None  # one frame has been through Triton: its pace is known
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -60,8 +61,10 @@ class Services:
         sessions = Sessions(client, slots, settings.session_idle_seconds,
                             settings.ice_servers, IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP))
         generations = Admission("generation", settings.max_frames_in_progress, settings.admission_queue,
-                                settings.admission_wait_seconds, "frames")
-        services = cls(settings, client, store, None, slots, sessions, generations)
+                                settings.admission_wait_seconds, "frames",
+                                pace=lambda: client.deadlines.seconds_per_item(specs.MUSETALK.name),
+                                limit_s=settings.max_request_seconds)
+        services = cls(settings, client, store, None, slots, sessions, generations, warmed=threading.Event())
         services.jobs = Jobs(store, services._prepare, status_of, settings.max_preparations)
         services.readiness = Readiness(services._readiness_problem)
         return services
@@ -83,6 +86,27 @@ class Services:
         self.start_default_avatar()
         self.readiness.start()
         threading.Thread(target=_warm_up, args=(self.store,), name="warm-up", daemon=True).start()
+        threading.Thread(target=self._measure_pace, name="first-frame", daemon=True).start()
+
+    def _measure_pace(self) -> None:
+        """Send one frame through the ensemble (and one window through the audio encoder) as
+        soon as Triton is ready: the client then knows this server's pace, so the first request's
+        deadlines and the admission's time limit follow from it, and the first request pays no
+        first-call costs of its own. Readiness waits for it; Triton away means trying again."""
+        audio, latents = (np.zeros((1, *t.shape), np.float32) for t in specs.MUSETALK.inputs)
+        mel = np.zeros((1, *specs.AUDIO_ENCODER.inputs[0].shape), np.float32)
+        while not self.warmed.is_set():
+            try:
+                self.client.wait_until_ready(timeout_s=3600, models=[specs.MUSETALK.name, specs.AUDIO_ENCODER.name])
+                self.client.audio_encoder(mel)
+                self.client.musetalk(audio, latents)
+            except Exception as error:  # noqa: BLE001 - Triton away or restarting: try again
+                log.warning("could not send a first frame to Triton (trying again): %s", error)
+                time.sleep(2)
+                continue
+            self.warmed.set()
+            log.info("Triton answered a first frame: %.3g s per frame here (batch 1)",
+                     self.client.deadlines.seconds_per_item(specs.MUSETALK.name))
 
     # -- uploads --------------------------------------------------------------------------
     @property
@@ -129,7 +153,10 @@ class Services:
         waiting = [m for m in specs.MODELS if not self.client.model_ready(m)]
         if waiting:
             return f"models not ready: {', '.join(waiting)}"
-        return self.default_problem()
+        problem = self.default_problem()
+        if problem is None and not self.warmed.is_set():
+            problem = "sending a first frame through Triton (to learn its pace)"
+        return problem
 
     def default_problem(self) -> str | None:
         """Why the configured default avatar cannot serve yet (for /readyz); None if it can,

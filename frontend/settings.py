@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     max_frames_in_progress: int = Field(
         1500, ge=1, description="admission: frames (seconds x fps of the clips) generated at once by POST "
                                 "/onnx-infer; more requests wait (up to admission_queue) or get 429")
+    max_request_seconds: float | None = Field(
+        600.0, gt=0, description="POST /onnx-infer work that the server would need longer for, at its measured "
+        "pace, is refused at once (503 with the estimate) rather than failed after minutes; work that fits alone "
+        "waits for the work in progress or gets 429; off: no limit")
     admission_queue: int = Field(8, ge=0, description="requests that may wait for admission")
     admission_wait_seconds: float = Field(10.0, ge=0, description="how long a request waits for admission")
     max_preparations: int = Field(

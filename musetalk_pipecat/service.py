@@ -33,6 +33,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.ai_service import AIService
+from pipecat.services.settings import ServiceSettings
 
 from client.sessions import AvatarSession
 
@@ -46,6 +47,8 @@ class MuseTalkVideoService(AIService):
             avatar_id: a prepared avatar (default: the front end's default avatar).
             fps: the video's frames per second.
         """
+        # Pipecat checks at start that every settings field is given (an ERROR log otherwise).
+        kwargs.setdefault("settings", ServiceSettings(model="musetalk"))
         super().__init__(**kwargs)
         self.url, self.avatar_id, self.fps = url, avatar_id, fps
         self.session: AvatarSession | None = None
@@ -111,7 +114,8 @@ class MuseTalkVideoService(AIService):
         if self.session is None:
             return
         if self.speech is None or frame.sample_rate != self._speech_rate:
-            if self.speech is not None:
+            if self.speech is not None:  # another rate: its own socket and segment (the old one ends here)
+                await self._send(self.speech.end_segment())
                 await self.speech.close()
             try:
                 self.speech = await self.session.speech(frame.sample_rate)

@@ -5,6 +5,13 @@ full-size weights, said loudly), starts the local Triton and the front end,
 prepares the demo avatar from a real photograph, sends a few seconds of real
 speech to POST /onnx-infer, saves the mp4 and reports each stage's time; then
 stops everything it started. A second run reuses the exports and the avatar.
+
+Machines differ by orders of magnitude (a GPU makes a frame in milliseconds, a 2-core CPU
+in seconds), so before speaking the demo reads this server's pace (the front end sends a
+first frame through Triton before it reports ready) and prints its estimate. Where the
+whole speech would take longer than --budget-minutes, it speaks the part that fits and
+says so (--all speaks all of it). Batches are sized to take seconds here, so the progress
+bar moves by a few frames at a time.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import math
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -28,6 +36,10 @@ from triton_local.server import BUILD, Ports, free_port, http_url_beside, listen
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 AVATAR_ID = "demo"
+BUDGET_MINUTES = 7.0  # of generation: with the server's start, about 10 minutes after the first export
+OVERHEAD = 1.1  # audio features, blending and encoding beside the frames themselves
+BATCH_SECONDS = 12.0  # a batch's time on a slow server: the progress bar's step
+DEFAULT_BATCH = 16
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=BUILD / "demo" / "musetalk_demo.mp4")
     p.add_argument("--triton-url", help="gRPC host:port of a running Triton (e.g. the GPU "
                    "container): skip the export and the local server")
+    p.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
+                   help="speak only the part of the speech this machine generates within it (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="speak the whole speech, however long it takes here")
     args = p.parse_args(argv)
 
     real = real_weights(args.profile)
@@ -57,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     frontend = None
     try:
         step("3/5 start the front end")
-        frontend = FrontEnd(server.grpc_url, 8080 if not listening(8080) else free_port(),
-                            env={"MUSETALK_AVATAR_DIR": str(BUILD / "demo" / f"avatars-{args.profile}")}).start()
+        frontend = FrontEnd(server.grpc_url, 8080 if not listening(8080) else free_port(), env={
+            "MUSETALK_AVATAR_DIR": str(BUILD / "demo" / f"avatars-{args.profile}"),
+            # one batch computing, the next queued: the server stays busy and batches stay small
+            "MUSETALK_IN_FLIGHT": "2",
+            **({"MUSETALK_MAX_REQUEST_SECONDS": "off"} if args.all else {}),
+        }).start()
         print(f"front end: {frontend.url} (API docs: {frontend.url}/docs)")
         with httpx.Client(base_url=frontend.url, timeout=None) as http:
             step("4/5 prepare the avatar from a photograph")
             prepare_avatar(http)
             step("5/5 speech -> video through POST /onnx-infer")
-            video, timings = speak(http, server, args.speech, args.fps)
+            plan = Plan.for_server(http, args.speech, args.fps, args.budget_minutes * 60, args.all)
+            video, timings = speak(http, server, plan)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_bytes(video)
     finally:
@@ -109,15 +129,61 @@ def prepare_avatar(http: httpx.Client) -> None:
           f"in {time.perf_counter() - started:.1f} s")
 
 
-def speak(http: httpx.Client, server, speech: Path, fps: int) -> tuple[bytes, dict]:
+@dataclass
+class Plan:
+    """What the demo speaks, in batches of what size, and how long it should take here."""
+
+    speech: Path
+    fps: int
+    frames: int
+    batch_size: int
+    seconds_per_frame: float | None
+
+    @classmethod
+    def for_server(cls, http: httpx.Client, speech: Path, fps: int, budget_s: float, everything: bool) -> Plan:
+        pace = http.get("/info").json().get("seconds_per_frame")
+        duration = soundfile.info(str(speech)).duration
+        frames = math.floor(duration * fps)
+        if not pace:
+            print(f"{frames} frames; this server's pace is not known yet")
+            return cls(speech, fps, frames, DEFAULT_BATCH, None)
+        cost = pace * OVERHEAD
+        print(f"this server makes a frame in ~{pace:.3g} s: {frames} frames ({duration:.1f} s of speech at {fps} fps) "
+              f"should take ~{_minutes(frames * cost)}")
+        fits = math.floor(budget_s / cost)
+        if frames > fits and not everything:
+            frames = max(fits, fps)  # at least one second
+            speech = trimmed(speech, frames / fps)
+            print(f"that is over the {_minutes(budget_s)} budget: speaking the first {frames / fps:.1f} s "
+                  f"({frames} frames, ~{_minutes(frames * cost)}); --all speaks all of it")
+        # Batches of a few seconds each on a slow server, so the progress bar moves; full ones on a fast one.
+        batch = max(1, min(DEFAULT_BATCH, round(BATCH_SECONDS / pace)))
+        return cls(speech, fps, frames, batch, pace)
+
+
+def trimmed(speech: Path, seconds: float) -> Path:
+    """The first `seconds` of `speech`, as a file beside the demo's output."""
+    samples, rate = soundfile.read(str(speech), frames=int(seconds * soundfile.info(str(speech)).samplerate))
+    path = BUILD / "demo" / f"{speech.stem}_first_{seconds:.1f}s.flac"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), samples, rate)
+    return path
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def speak(http: httpx.Client, server, plan: Plan) -> tuple[bytes, dict]:
     """POST the speech; a progress bar follows the frames Triton's vae_decoder has produced."""
-    frames = math.floor(soundfile.info(str(speech)).duration * fps)
+    frames, speech = plan.frames, plan.speech
     result: dict = {}
 
     def post():
         try:
-            result["response"] = http.post("/onnx-infer", data={"avatar_id": AVATAR_ID, "fps": str(fps)},
-                                           files={"audio_file": (speech.name, speech.read_bytes())})
+            result["response"] = http.post("/onnx-infer", data={
+                "avatar_id": AVATAR_ID, "fps": str(plan.fps), "batch_size": str(plan.batch_size),
+            }, files={"audio_file": (speech.name, speech.read_bytes())})
         except Exception as error:  # noqa: BLE001 - reported below
             result["error"] = error
 

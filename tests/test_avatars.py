@@ -268,9 +268,14 @@ def test_a_restart_mid_preparation_resumes_it_and_never_shows_half_an_avatar(tri
 
 def test_a_1080p_avatar_stays_small_on_disk_and_in_memory(frontend_server, speech_bytes):
     """4 s of 1080p video: the raw frames would be 622 MB. On disk: under a tenth of that. In the
-    front end, once its libraries are loaded (a first, short preparation and generation; the
-    README's figure is +64 MB for 10 s of 1080p), preparing it and speaking with it leave at
-    most 100 MB more: the cached latents and masks (14 MB), and what glibc keeps."""
+    front end, once its libraries are loaded (a first, short preparation and generation),
+    preparing it and speaking with it leave less than a quarter of the raw frames behind.
+
+    The bound is what the test is for: frames are never kept raw (holding them, or a quarter
+    of them, fails it). What does stay is the cached latents and masks (14 MB) and what the
+    allocator keeps of the freed frame buffers and thread arenas, which depends on the machine:
+    measured +64 MB on an AMD EPYC and +108 MB on an Intel Xeon (2 cores each), so a bound of
+    100 MB failed on the second; a quarter of the raw frames (155 MB) leaves that margin."""
     import psutil
 
     def ready(avatar_id: str, clip: bytes) -> dict:
@@ -298,7 +303,7 @@ def test_a_1080p_avatar_stays_small_on_disk_and_in_memory(frontend_server, speec
                            files={"audio_file": ("speech.flac", speech_bytes)}, timeout=600)
     assert generated.status_code == 200
     grown = process.memory_info().rss - before
-    assert grown < 100e6, f"the front end grew by {grown / 1e6:.0f} MB"
+    assert grown < raw / 4, f"the front end grew by {grown / 1e6:.0f} MB ({raw / 1e6:.0f} MB of raw frames)"
 
 
 def test_an_avatar_of_the_earlier_format_is_upgraded_when_loaded(tmp_path, face_image):

@@ -273,3 +273,46 @@ def test_long_audio_is_refused_before_it_is_decoded(frontend_server, seconds, ch
     answer = httpx.post(f"{frontend_server.url}/onnx-infer", files={"audio_file": ("long.flac", data)}, timeout=60)
     assert answer.status_code == 422 and f"lasts {seconds:.1f} s" in answer.json()["error"]
     assert peak_rss(pid) - current < 60e6, f"the front end's memory peaked {(peak_rss(pid) - current) / 1e6:.0f} MB up"
+
+
+def test_work_longer_than_the_time_limit_is_refused_at_once_with_the_estimate(tight, triton, speech_bytes):
+    """A front end with MUSETALK_MAX_REQUEST_SECONDS (and the tight one's avatars): it learns
+    the server's pace from a first frame before it is ready, then refuses a clip that pace says
+    would take three times the limit, at once (503 + Retry-After, the estimate in the body), and
+    serves one that takes a third of it. The lengths follow from the pace measured here, so
+    the test holds on a fast machine and a slow one alike."""
+    limit = 3.0
+    folder = tight.env["MUSETALK_AVATAR_DIR"]
+    server = FrontEnd(triton.grpc_url, free_port(), log_file=BUILD / "frontend-timed.log", host="127.0.0.1", env={
+        "MUSETALK_AVATAR_DIR": folder, "MUSETALK_MAX_REQUEST_SECONDS": str(limit), "MUSETALK_BATCH_SIZE": "8",
+    }).start()
+    try:
+        assert server.wait_until_ready(120), f"never ready; see {server.log_file}"
+        pace = httpx.get(f"{server.url}/info").json()["seconds_per_frame"]
+        assert pace and pace > 0
+        fps = 25
+        samples, rate = soundfile.read(io.BytesIO(speech_bytes), dtype="float32")
+
+        def clip(frames: int) -> bytes:
+            out = io.BytesIO()
+            seconds = frames / fps
+            repeated = np.tile(samples, int(np.ceil(seconds * rate / len(samples))))[: int(seconds * rate) + 1]
+            soundfile.write(out, repeated, rate, format="FLAC")
+            return out.getvalue()
+
+        too_long = max(2, int(np.ceil(3 * limit / pace)))
+        started = time.monotonic()
+        refused = httpx.post(f"{server.url}/onnx-infer", data={"skip_save_images": "true", "fps": str(fps)},
+                             files={"audio_file": ("long.flac", clip(too_long))}, timeout=300)
+        assert refused.status_code == 503, refused.text
+        assert time.monotonic() - started < limit  # refused, not tried
+        body = refused.json()
+        assert "MUSETALK_MAX_REQUEST_SECONDS" in body["error"] and body["limit_seconds"] == limit
+        assert body["estimated_seconds"] >= 2 * limit and int(refused.headers["Retry-After"]) >= 1
+        short = max(1, int(limit / pace / 3))
+        served = httpx.post(f"{server.url}/onnx-infer", data={"skip_save_images": "true", "fps": str(fps)},
+                            files={"audio_file": ("short.flac", clip(short))}, timeout=300)
+        assert served.status_code == 200, served.text
+        assert metric(server.url, "musetalk_admissions_total", kind="generation", result="too_long") == 1
+    finally:
+        server.stop()

@@ -73,8 +73,9 @@ def test_an_interruption_stops_the_speech_and_its_triton_requests(pipecat_python
     after = [image for image in seen["images"] if image["t"] > cut + 0.3 and image["face"]]
     assert not after, after[:3]  # nothing of that turn after it, beyond the two-frame fade
     assert seen["status"]["state"] == "idle" and seen["status"]["segments"]["interrupted"] == 1
-    assert seen["status"]["triton"]["cancelled"] >= 1
-    assert settled - before < seen["speech_seconds"] * FPS / 2  # most of the turn never ran
+    # most of the turn never ran, by Triton's own count (that the requests in flight are cancelled
+    # on Triton is test_sessions' early-interrupt test)
+    assert settled - before < seen["speech_seconds"] * FPS / 2
     assert not seen["errors"], seen["errors"]
 
 

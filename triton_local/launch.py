@@ -13,17 +13,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from contract import specs
+from contract import cpu, specs
 from triton_local.repository import generate
-from triton_local.runtimes import describe, runtimes_for
+from triton_local.runtimes import choose, describe
 from triton_local.server import BUILD, LocalTriton, Ports
 
 
 def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / "triton_repository",
           progress: bool = True) -> LocalTriton:
-    runtimes = runtimes_for(onnx_repository)
-    generate(target, onnx_repository, runtimes)
-    print(f"local repository {target}: {describe(runtimes)}", flush=True)
+    choices = choose(onnx_repository)
+    generate(target, onnx_repository, {name: choice.runtime for name, choice in choices.items()})
+    print(f"local repository {target} on {cpu.describe()}:\n  {describe(choices)}", flush=True)
     server = LocalTriton(target, ports)
     started = time.perf_counter()
     with tqdm(total=len(specs.MODELS), desc="tritonserver: models ready", unit="model",

@@ -11,6 +11,10 @@ tensors, batching and ensemble; its parameters say which file to run and how:
   runtime      "onnxruntime" (default) or "openvino"
   precision    OpenVINO's inference precision hint: "f32" (default) or "bf16"
   threads      intra-op threads, 0 = one per core (default)
+  spin         "1" (default): onnxruntime's idle threads spin between operators;
+               "0": they sleep (models computing at once then share the cores)
+  cpu_lock     a file every model of the server locks while it computes (empty:
+               none): one model at a time has all the cores
   chunk        run batches larger than this in pieces (0 = never): on a CPU the
                cost per frame is flat in the batch size, while activation
                memory grows with it (a VAE batch of 32 at 256x256 holds GBs)
@@ -19,6 +23,7 @@ It also exits when tritonserver is gone, however that happened (killed,
 crashed): a python-backend stub would otherwise live on as an orphan holding
 its model's memory.
 """
+import fcntl
 import json
 import os
 import sys
@@ -56,11 +61,22 @@ class TritonPythonModel:
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         try:
-            self.run = open_runner(params["onnx_model"], params.get("runtime", "onnxruntime"),
-                                   params.get("precision", "f32"), int(params.get("threads", "0")))
+            self.runner = open_runner(params["onnx_model"], params.get("runtime", "onnxruntime"),
+                                      params.get("precision", "f32"), int(params.get("threads", "0")),
+                                      spin=params.get("spin", "1") == "1")
         except ValueError as error:
             raise pb_utils.TritonModelException(f"{config['name']}: {error}") from error
         self.chunk = int(params.get("chunk", "0"))
+        self.cpu_lock = open(params["cpu_lock"], "a") if params.get("cpu_lock") else None  # noqa: SIM115
+
+    def run(self, feeds):
+        if self.cpu_lock is None:
+            return self.runner(feeds)
+        fcntl.flock(self.cpu_lock, fcntl.LOCK_EX)
+        try:
+            return self.runner(feeds)
+        finally:
+            fcntl.flock(self.cpu_lock, fcntl.LOCK_UN)
 
     def execute(self, requests):
         # The dynamic batcher hands over several requests at once: run them as

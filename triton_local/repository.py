@@ -3,8 +3,8 @@
 Every model keeps its name, tensors, max_batch_size, dynamic batching and the
 ensemble exactly as the GPU configs declare them. What changes is only what a
 CPU-only machine without the onnxruntime backend needs: the python backend
-(python_model.py running the same ONNX file), a CPU instance, and no TensorRT
-accelerator or engine warm-up.
+(python_model.py running the same ONNX file), a CPU instance, no TensorRT
+accelerator, and a warm-up at batch 1 instead of the engine builds at batch 32.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from contract import specs
 from contract.layout import SYNTHETIC_KEY, model_path, read_metadata
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,10 +33,16 @@ class Runtime:
     # Largest batch run at once; bigger batches run in pieces (see python_model.py).
     # 8 keeps the server under 12 GB with every full-size model at its max batch.
     chunk: int = 8
+    # The models run in processes of their own and compute at once (the ensemble pipelines
+    # the unet of one batch with the decoder of the one before): idle onnxruntime threads
+    # sleep rather than spin on cores another model computes on. Measured alike on an AMD
+    # EPYC with 2 cores (benchmarks/results/local_server_full_cpu.md), and never worse.
+    spin: bool = False
+    cpu_lock: str = ""  # none: a lock (one model at a time) was slower there
 
     def parameters(self) -> dict[str, str]:
         return {"runtime": self.name, "precision": self.precision, "threads": str(self.threads),
-                "chunk": str(self.chunk)}
+                "chunk": str(self.chunk), "spin": "1" if self.spin else "0", "cpu_lock": self.cpu_lock}
 
 
 def read_config(path: Path) -> mc.ModelConfig:
@@ -54,11 +61,24 @@ def local_config(config: mc.ModelConfig, onnx_model: Path, runtime: Runtime) -> 
     del local.instance_group[:]
     local.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     local.ClearField("optimization")  # TensorRT settings mean nothing on a CPU
-    del local.model_warmup[:]  # warm-up exists to build TensorRT engines before READY
+    del local.model_warmup[:]  # those build TensorRT engines at batch 32: minutes on a CPU
+    local.model_warmup.append(warmup(specs.NETWORKS[config.name]))
     params = {"onnx_model": str(Path(onnx_model).resolve()), **runtime.parameters()}
     for key, value in params.items():
         local.parameters[key].string_value = value
     return local
+
+
+def warmup(spec: specs.ModelSpec) -> mc.ModelWarmup:
+    """One execution at batch 1 before the model reports READY: a runtime's first inference
+    allocates, plans and picks kernels (seconds for the full-size models on a CPU), which the
+    first user request would otherwise pay."""
+    warm = mc.ModelWarmup(name="first_inference_batch_1", batch_size=1)
+    for tensor in spec.inputs:
+        warm.inputs[tensor.name].data_type = mc.DataType.Value(tensor.triton_dtype)
+        warm.inputs[tensor.name].dims.extend(tensor.shape)
+        warm.inputs[tensor.name].random_data = True
+    return warm
 
 
 def generate(

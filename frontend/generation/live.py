@@ -27,6 +27,7 @@ import numpy as np
 from contract import specs
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
+from frontend.exceptions import LiveTooLong
 from frontend.generation.core import Composer, Report, Utterance, write_frames
 from frontend.speech.pcm import EMPTY, Pcm16, Resampler
 from frontend.video.writers import FragmentedMp4Writer
@@ -44,24 +45,6 @@ class LiveOptions:
     preset: str = "veryfast"
     max_seconds: float = 600.0  # speech per session
     max_lag_s: float = 10.0  # stop reading audio while the video is this far behind
-
-
-class LiveError(ValueError):
-    """A live session's input that cannot be used (the client gets it as an error message)."""
-
-
-class LiveTooLong(LiveError):
-    """More speech than a session may take."""
-
-
-class LiveIdle(LiveError):
-    """A live session whose client has sent nothing for too long."""
-
-
-class TooManySessions(RuntimeError):
-    """Every live session slot is taken (a 429: retry after `retry_after` seconds)."""
-
-    retry_after = 10
 
 
 class Latencies:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import threading
 
@@ -24,27 +23,19 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from frontend import metrics
 from frontend.errors import refuse_websocket
-from frontend.generation.live import LiveError, LiveIdle, LiveOptions, LiveSession, LiveTooLong
+from frontend.exceptions import LiveIdle
+from frontend.generation.live import LiveOptions, LiveSession
+from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services
 
 router = APIRouter(tags=["live"])
 log = logging.getLogger("musetalk.frontend")
 OUTBOX = 8  # messages (batches of frames: about 2 s of video) waiting for a slow client before the session waits
 INBOX_SECONDS = 2.0  # audio received and not yet taken by the session, before the client's socket waits
-MAX_MESSAGE = 1 << 20  # 1 MiB of PCM per message (33 s at 16 kHz): bigger is a mistake or an attack
 
 
 class ClientGone(RuntimeError):
     pass
-
-
-def int_parameter(name: str, value: str, low: int, high: int, unit: str = "") -> int:
-    """A WebSocket's integer query parameter (refused as a message and a close code, like every
-    other bad input, rather than by FastAPI's validation, which can only refuse the handshake)."""
-    number = int(value) if value.strip().isdigit() else None
-    if number is None or not low <= number <= high:
-        raise LiveError(f"{name} must be {low}..{high}{unit}, got {value!r}")
-    return number
 
 
 @router.websocket("/ws/live")
@@ -142,34 +133,15 @@ async def _receive_all(websocket: WebSocket, session: LiveSession, rate: int, op
     """The client's audio into the session, never more than the session can hold: while the
     video trails the audio by more than `max_lag_s`, or the session has not yet taken
     INBOX_SECONDS of what arrived (its thread waits for a client that does not read), the
-    audio waits in the client's socket (TCP pushes back). Over the session's length limit,
-    a message over MAX_MESSAGE, or nothing from the client for `idle_s`: an error and a close."""
-    received = 0  # bytes of PCM
-    while True:
-        while session.lag_s > options.max_lag_s or session.inbox_seconds > INBOX_SECONDS:
-            await asyncio.sleep(0.05)
-        try:
-            message = await asyncio.wait_for(websocket.receive(), idle_s)
-        except TimeoutError:
-            raise LiveIdle(f"nothing received for {idle_s:g} s; send {{\"type\": \"end\"}} to finish") from None
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
-        if message.get("bytes") is not None:
-            if len(message["bytes"]) > MAX_MESSAGE:
-                raise LiveTooLong(f"a PCM message is at most {MAX_MESSAGE // 1024} kB; send smaller pieces")
-            received += len(message["bytes"])
-            if received / 2 / rate > options.max_seconds:
-                raise LiveTooLong(f"a live session takes at most {options.max_seconds:g} s of speech")
-            session.feed(message["bytes"])
-        elif message.get("text") is not None:
-            try:
-                command = json.loads(message["text"])
-            except ValueError:
-                command = None
-            if not isinstance(command, dict) or command.get("type") != "end":
-                raise LiveError(f'expected binary PCM or {{"type": "end"}}, got {message["text"][:80]!r}')
-            session.end()
-            return
+    audio waits in the client's socket (TCP pushes back)."""
+    def end() -> bool:
+        session.end()
+        return True
+
+    await read_speech(websocket, session.feed, {"end": end},
+                      hold=lambda: session.lag_s > options.max_lag_s or session.inbox_seconds > INBOX_SECONDS,
+                      idle_s=idle_s, max_bytes=int(options.max_seconds * rate * 2),
+                      too_long=f"a live session takes at most {options.max_seconds:g} s of speech")
 
 
 async def _send_all(websocket: WebSocket, outbox: asyncio.Queue) -> None:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from contract import specs
 from frontend.services import Services, services
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -21,6 +22,10 @@ def page():
 
 @router.get("/info")
 def info(s: Services = Depends(services)):
-    """What the page shows: whether the models have random weights (no lip sync), and limits."""
+    """What the page shows: whether the models have random weights (no lip sync), and limits;
+    and the inference server's measured pace (seconds per frame through the ensemble, as this
+    front end has seen it; null before its first frame), which the time limit applies to."""
     return {"synthetic_weights": s.synthetic_weights(), "default_avatar": s.settings.default_avatar,
-            "max_audio_seconds": s.settings.max_audio_seconds, "max_upload_mb": s.settings.max_upload_mb}
+            "max_audio_seconds": s.settings.max_audio_seconds, "max_upload_mb": s.settings.max_upload_mb,
+            "seconds_per_frame": s.client.deadlines.seconds_per_item(specs.MUSETALK.name),
+            "max_request_seconds": s.settings.max_request_seconds}

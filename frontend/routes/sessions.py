@@ -13,13 +13,15 @@ the speech a voice agent sends it, segment by segment, interrupted at once.
         server -> client: {"type": "speech_started", "segment"} when its first frame leaves;
                           {"type": "speech_finished", "segment", "played_seconds", "interrupted"};
                           {"type": "progress", "segment", "played_seconds", "queued_seconds",
-                          "behind_seconds"} twice a second while speech plays
+                          "behind_seconds"} twice a second while speech plays; in order, each when
+                          it happens (a segment's speech_started always before its speech_finished)
         errors:           {"type": "error", "error", "status"} and close code 4000 + status
+        a socket that closes in the middle of a segment ends it there: what arrived plays, and the
+        next socket (at its own sample_rate) speaks a new segment
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
@@ -27,13 +29,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from frontend.errors import UnsupportedMediaType, refuse_websocket
-from frontend.generation.live import LiveError
-from frontend.routes.live import MAX_MESSAGE, int_parameter
+from frontend.exceptions import OfferError, SpeechSocketBusy
+from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services, services
-from frontend.sessions.registry import SpeechSocketBusy
-from frontend.sessions.segments import SegmentTooLong
 from frontend.sessions.session import Session
-from frontend.sessions.viewers import OfferError
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 MAX_OFFER_BYTES = 64 * 1024
@@ -122,12 +121,14 @@ async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "1600
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
-    def notify(event: dict, at: float) -> None:  # on the session's thread: delivered when it happens
-        loop.call_soon_threadsafe(loop.call_later, max(0.0, at - time.monotonic()), events.put_nowait, event)
+    def notify(event: dict, at: float) -> None:  # on the session's thread, in order: sent in that order, when due
+        loop.call_soon_threadsafe(events.put_nowait, (at, event))
 
     session.listen(notify)
+    segment_open = [False]  # speech sent since the last segment_end or interrupt
     sender = asyncio.create_task(_send_events(websocket, events))
-    receiver = asyncio.create_task(_receive_speech(websocket, session, rate, s.settings.session_queue_seconds))
+    receiver = asyncio.create_task(_receive_speech(websocket, session, rate, s.settings.session_queue_seconds,
+                                                   segment_open))
     try:
         done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -137,6 +138,8 @@ async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "1600
     except Exception as error:  # noqa: BLE001 - the client hears why; the session goes on
         await refuse_websocket(websocket, error)
     finally:
+        if segment_open[0]:  # the socket ended mid-segment: the segment ends where its audio does
+            session.segment_end()
         session.unlisten(notify)
         session.speaker = None
         for task in (sender, receiver):
@@ -145,7 +148,8 @@ async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "1600
 
 async def _send_events(websocket: WebSocket, events: asyncio.Queue) -> None:
     while True:
-        event = await events.get()
+        at, event = await events.get()
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
         await websocket.send_json(event)
         if event["type"] == "session_ended":
             await websocket.close(code=1000, reason="the session ended")
@@ -155,27 +159,19 @@ async def _send_events(websocket: WebSocket, events: asyncio.Queue) -> None:
             return
 
 
-async def _receive_speech(websocket: WebSocket, session: Session, rate: int, max_queued_s: float) -> None:
-    while True:
-        while session.queued_seconds > max_queued_s:  # back-pressure: the audio waits in the socket
-            await asyncio.sleep(0.05)
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
-        if message.get("bytes") is not None:
-            if len(message["bytes"]) > MAX_MESSAGE:
-                raise SegmentTooLong(f"a PCM message is at most {MAX_MESSAGE // 1024} kB; send smaller pieces")
-            session.speak(message["bytes"], rate)
-            continue
-        try:
-            command = json.loads(message.get("text") or "")
-        except ValueError:
-            command = None
-        kind = command.get("type") if isinstance(command, dict) else None
-        if kind == "segment_end":
-            session.segment_end()
-        elif kind == "interrupt":
-            session.interrupt()
-        else:
-            raise LiveError('expected binary PCM, {"type": "segment_end"} or {"type": "interrupt"}, '
-                            f"got {(message.get('text') or '')[:80]!r}")
+async def _receive_speech(websocket: WebSocket, session: Session, rate: int, max_queued_s: float,
+                          segment_open: list[bool]) -> None:
+    def speak(pcm16: bytes) -> None:
+        session.speak(pcm16, rate)
+        segment_open[0] = True
+
+    def then_closed(action):
+        def command() -> None:
+            action()
+            segment_open[0] = False
+        return command
+
+    # back-pressure: past `max_queued_s` of unplayed speech, the audio waits in the socket
+    await read_speech(websocket, speak, {"segment_end": then_closed(session.segment_end),
+                                         "interrupt": then_closed(session.interrupt)},
+                      hold=lambda: session.queued_seconds > max_queued_s)

@@ -15,38 +15,14 @@ import secrets
 import threading
 
 from frontend import metrics
+from frontend.admission import LiveSlots
 from frontend.avatars.store import Avatar
-from frontend.generation.live import TooManySessions
+from frontend.exceptions import SessionNotFound
 from frontend.sessions import viewers
 from frontend.sessions.idle import IdleCycles
 from frontend.sessions.session import Session, SessionOptions
 
 log = logging.getLogger("musetalk.frontend")
-
-
-class SessionNotFound(LookupError):
-    """No session of that id (never created, ended, or on another replica)."""
-
-
-class SpeechSocketBusy(RuntimeError):
-    """The session already has a speech socket (two would mix their speech)."""
-
-
-class LiveSlots:
-    """The front end's live sessions, conversational and /ws/live together: `take` one or
-    TooManySessions (a 429), counted in musetalk_admissions_total{kind="session"}."""
-
-    def __init__(self, limit: int):
-        self.limit, self._free = limit, threading.BoundedSemaphore(limit)
-
-    def take(self) -> None:
-        if not self._free.acquire(blocking=False):
-            metrics.ADMISSIONS.labels("session", "refused").inc()
-            raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
-        metrics.ADMISSIONS.labels("session", "admitted").inc()
-
-    def release(self) -> None:
-        self._free.release()
 
 
 class Sessions:
@@ -59,11 +35,15 @@ class Sessions:
 
     def create(self, avatar: Avatar, options: SessionOptions) -> Session:
         self.slots.take()
-        session = Session(secrets.token_urlsafe(12), avatar, self.client, options, self.idle_cycles)
+        try:
+            session = Session(secrets.token_urlsafe(12), avatar, self.client, options, self.idle_cycles).start()
+        except BaseException:
+            self.slots.release()  # a session that could not be built holds nothing
+            raise
         with self._lock:
             self._sessions[session.id] = session
         metrics.SESSIONS.inc()
-        return session.start()
+        return session
 
     def get(self, session_id: str) -> Session:
         with self._lock:
@@ -82,13 +62,15 @@ class Sessions:
             session = self._sessions.pop(session_id, None)
         if session is None:
             raise SessionNotFound(f"unknown session {session_id!r} (ended, or never created here)")
-        session.close()
-        for viewer in session.viewers:
-            session.remove_viewer(viewer.id)
-            await viewer.close()
-        await asyncio.to_thread(session.closed.wait, 30)
-        self.slots.release()
-        metrics.SESSIONS.dec()
+        try:
+            session.close()  # from here no viewer joins
+            for viewer in session.viewers:
+                session.remove_viewer(viewer.id)
+                await viewer.close()
+            await asyncio.to_thread(session.closed.wait, 30)
+        finally:
+            self.slots.release()
+            metrics.SESSIONS.dec()
 
     async def watch(self, session_id: str, offer_sdp: str) -> viewers.Viewer:
         session = self.get(session_id)
@@ -117,9 +99,15 @@ class Sessions:
                     pass  # ended meanwhile
 
     async def keep_expiring(self, every_s: float = 1.0) -> None:
+        """Expire sessions every `every_s` for as long as the service runs: an unexpected error
+        is logged and counted (musetalk_session_housekeeping_errors_total), and the loop goes on."""
         while True:
             await asyncio.sleep(every_s)
-            await self.expire()
+            try:
+                await self.expire()
+            except Exception:  # noqa: BLE001 - one bad pass must not end expiry for good
+                metrics.SESSION_ERRORS.inc()
+                log.exception("expiring sessions failed; trying again in %g s", every_s)
 
     async def close(self) -> None:
         for session in self.all():

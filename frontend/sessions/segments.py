@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from contract import specs
+from frontend.exceptions import SegmentTooLong
 from frontend.generation.core import Report, Utterance
 from frontend.speech import audio
 from frontend.speech.pcm import EMPTY, Pcm16, Resampler
@@ -27,24 +28,20 @@ from frontend.video.rtc import AUDIO_RATE
 ENERGY_BLOCK = specs.SAMPLE_RATE // 100  # 10 ms at 16 kHz (half an encoder step): the silence test's resolution
 
 
-class SegmentTooLong(ValueError):
-    """More speech in one segment than a session takes."""
-
-
 class Segment:
-    """Feed it PCM with `add`, close it with `end`; the session's loop calls `step` and plays
-    frame k once `ready(k)`, with `alpha(k)`, `face(k)` and `audio(k)`."""
+    """Feed it PCM with `add`, close it with `end`; the session's loop calls `step`, and its
+    timeline plays frame k once `ready(k)`, with `alpha(k)`, `face(k)` and `take_audio`."""
 
     def __init__(self, number: int, avatar, client, fps: int, sample_rate: int, start: int, options,
                  alpha_before: float = 0.0):
         self.number, self.fps, self.start, self.options = number, fps, start, options
+        self.sample_rate = sample_rate
         self.report = Report(frames=0, fps=fps, audio_seconds=0.0)
         self.utterance = Utterance(avatar, client, fps, self.report, options.batch_size, options.in_flight,
                                    start=start, keep=self._needs_face)
         self.pcm = Pcm16()
         self.to_16k, self.to_48k = Resampler(sample_rate, specs.SAMPLE_RATE), Resampler(sample_rate, AUDIO_RATE)
-        self.audio = np.zeros(0, np.float32)  # the segment's audio at 48 kHz, as it plays
-        self.audio_start = 0  # index in the segment's 48 kHz audio of audio[0] (played audio is dropped)
+        self.audio = np.zeros(0, np.float32)  # the segment's 48 kHz audio not yet played
         self._energy: list[float] = []  # mean square per 10 ms block at 16 kHz
         self._partial = EMPTY  # 16 kHz samples of the block being filled
         self._alphas: list[float] = []
@@ -128,16 +125,12 @@ class Segment:
     def face(self, k: int) -> np.ndarray | None:
         return self.faces.pop(k, None)
 
-    def audio_of(self, k: int) -> np.ndarray:
-        """Frame k's audio at 48 kHz (the played part is dropped: memory stays the queue's)."""
-        start, stop = span(k, self.fps)
-        out = self.audio[start - self.audio_start : stop - self.audio_start]
-        self.audio, self.audio_start = self.audio[stop - self.audio_start :], stop
+    def take_audio(self, count: int | None) -> np.ndarray:
+        """The next `count` samples of its 48 kHz audio (all that is left: None). Played audio is
+        dropped: memory stays the queue's. The timeline takes each tick's length of the session's
+        clock, so no sample is lost or repeated at any fps."""
+        out, self.audio = (self.audio, self.audio[:0]) if count is None else (self.audio[:count], self.audio[count:])
         return out
-
-    def remainder(self) -> np.ndarray:
-        """The audio after its last whole frame (under one frame), played with the next tick."""
-        return self.audio
 
     def cancel(self) -> None:
         self.utterance.cancel()

@@ -1,39 +1,23 @@
 """A conversational session: one avatar, always on screen, on one clock.
 
-The session has a clock that ticks at its fps from its creation to its end.
-Every tick is one video frame and its 1/fps seconds of audio, for every viewer:
-
-    idle        the avatar's own frame at the current cycle position, silence:
-                no Triton call, and usually no encoding either (frontend/sessions/idle.py)
-    speech      frame k of the playing segment: the avatar's frame with the generated
-                face blended in (at its alpha, frontend/sessions/segments.py), and
-                the segment's audio of frame k
-    transition  after speech ends or is interrupted: the last face fading out over
-                `transition_frames` frames, silence
-    hold        speech whose next frame is not generated yet: the last frame again and
-                silence; speech video and its audio wait together, never apart
-
-Frame n and the audio of frame n carry the same clock time (n / fps, and sample
-n x 48000 / fps) and leave at that time (frontend/sessions/viewers.py), so a
-player's lip sync holds over hours: nothing is estimated, every timestamp is
-counted. If the session's thread falls behind by more than REBASE_S, the clock
-moves for both tracks together.
-
-The avatar's cycle position advances with every tick but holds. A segment starts
-at a position chosen when its audio begins (the current one plus how long frame 0
-is expected to take, measured on earlier segments), and its frame k uses the
-latents of position start + k, so speech begins where the idle cycle is (no jump)
-and a segment queued behind another continues it without a gap.
+The session's clock ticks at its fps from its creation to its end; each tick is
+one video frame and its audio, for every viewer. What a tick shows and plays is
+the timeline's (timeline.py: idle, speech, transition, hold; sample-exact audio);
+turning it into packets for the viewers is media out's (media.py). This module is
+the thread that drives them, and what other threads may ask of it.
 
 One thread per session runs everything but the network: reading its inbox
 (speech, segment ends, interrupts), moving generation on (non-blocking), and
-producing each tick LEAD_S before it is due. `interrupt` cancels the queued
-speech and its Triton requests (queued and in flight) at once.
+producing each tick LEAD_S before it is due. If it falls behind by more than
+REBASE_S, the clock moves for both tracks together. `interrupt` cancels the
+queued speech and its Triton requests (queued and in flight) at once.
+
+Events reach listeners in order, each with the time it happens (a tick's due time,
+or now): no event is ever earlier than one emitted before it.
 """
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -46,18 +30,20 @@ import numpy as np
 from client.errors import TritonClientError
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
+from frontend.errors import status_of
+from frontend.exceptions import SegmentTooLong, SessionNotFound
 from frontend.generation.core import Composer, Report
 from frontend.sessions.idle import IdleCycles
-from frontend.sessions.segments import Segment, SegmentTooLong, span
-from frontend.video.rtc import AUDIO_RATE, EncodedFrame, OpusEncoder, VideoEncoder
+from frontend.sessions.media import MediaOut
+from frontend.sessions.segments import Segment
+from frontend.sessions.timeline import Event, Tick, Timeline
+from frontend.video.rtc import AUDIO_RATE
 
 log = logging.getLogger("musetalk.frontend")
 
 LEAD_S = 0.02  # a tick is produced this long before it is due (its encoding fits in it)
-PICTURE_LOSS_INTERVAL_S = 1.0  # at most one keyframe a second for viewers' picture-loss reports
 REBASE_S = 0.25  # a tick later than this moves the clock, for both tracks: no burst of late frames
 POLL_S = 0.005  # how often generation is looked at while Triton has work of the session's
-INTERRUPT_FADE_STEP = 0.5  # an interrupted face fades out in at most two frames: barge-in is seen at once
 PROGRESS_EVERY_S = 0.5
 CLOSE, END, INTERRUPT = object(), object(), object()
 
@@ -74,16 +60,6 @@ class SessionOptions:
     video_kbps: int = 1500
     keyframe_seconds: float = 2.0  # live-encoded video: a keyframe at least this often
     start_lead_seconds: float = 0.3  # first guess of how long a segment's frame 0 takes (then measured)
-
-
-@dataclass
-class Tick:
-    n: int
-    position: int  # the avatar's cycle position shown
-    kind: str  # idle, speech, transition, hold
-    audio: np.ndarray  # 48 kHz samples of this tick
-    face: np.ndarray | None = None
-    strength: float = 0.0
 
 
 class Latency:
@@ -122,76 +98,29 @@ class Clock:
         self.t0, self.rebased = now - n / self.fps, self.rebased + 1
 
 
-class VideoOut:
-    """One codec's video for every viewer that uses it: the idle cycle's packets replayed, or
-    frames encoded live (a keyframe first whenever the replay is left, or a viewer asks)."""
-
-    def __init__(self, codec: str, avatar: Avatar, options: SessionOptions, idle_cycles: IdleCycles):
-        width, height = avatar.size
-        self.codec, self.avatar, self.fps, self.idle_cycles = codec, avatar, options.fps, idle_cycles
-        self.encoder = VideoEncoder(codec, width, height, options.fps, options.video_kbps,
-                                    keyframe_interval=max(1, round(options.keyframe_seconds * options.fps)))
-        self.replaying = False
-        self.keyframe_wanted = True
-        self.last_loss_keyframe = 0.0  # when a keyframe last answered a picture loss (time.monotonic)
-
-    def frame(self, tick: Tick, picture: Callable[[], np.ndarray]) -> EncodedFrame:
-        if tick.kind == "idle" and not self.keyframe_wanted:
-            cycle = self.idle_cycles.get(self.avatar, self.codec, self.fps)
-            if cycle is not None:
-                packet = cycle.at(tick.position)
-                if self.replaying or packet.keyframe:  # the replay starts at one of its keyframes
-                    self.replaying = True
-                    return packet
-        keyframe = self.keyframe_wanted or self.replaying  # the decoder holds the replay's pictures
-        self.replaying = self.keyframe_wanted = False
-        return self.encoder.encode(picture(), keyframe)
-
-    def close(self) -> None:
-        self.encoder.close()
-
-
 class Session:
     """`speak`, `segment_end`, `interrupt`, the viewer and listener methods and `close` may be
     called from any thread; everything else runs on the session's own thread."""
 
     def __init__(self, session_id: str, avatar: Avatar, client, options: SessionOptions, idle_cycles: IdleCycles):
         self.id, self.avatar, self.client, self.options = session_id, avatar, client, options
-        self.idle_cycles = idle_cycles
         self.fps = options.fps
         self.clock = Clock(self.fps)
-        self.tick = 0  # the next tick to produce
-        self.position = 0  # the avatar's cycle position of the next tick
-        self.segments: deque[Segment] = deque()  # the head plays (or waits for its start)
-        self.segment_count = 0
-        self.alpha, self.last_face = 0.0, None  # the face strength and face of the last tick (for fades)
-        self.fade_step = 1.0 / max(1, options.transition_frames)  # alpha's step down per frame, after speech
-        self.shown: Tick | None = None  # the last tick (a hold shows it again)
-        self.last_picture: tuple[int, np.ndarray] | None = None  # (tick, its composed frame)
-        self.carry = np.zeros(0, np.float32)  # a finished segment's audio after its last frame
-        # How long recent segments' frame 0 took to be ready: a new segment starts that far ahead
-        # in the cycle (the quickest of them: arriving later means a brief hold, never a jump).
-        self.first_frame_seconds: deque[float] = deque([options.start_lead_seconds], maxlen=8)
+        self.timeline = Timeline(self.fps, options.transition_frames, options.start_lead_seconds)
         self.composer = Composer(avatar, Report(frames=0, fps=self.fps, audio_seconds=0.0))
-        self.opus = OpusEncoder()
-        # Packets produced, waiting for their time: (due, ("video", frame n, {codec: packet}) or
-        # ("audio", sample, packet)). The session hands them to its viewers when they are due.
-        self.outgoing: deque[tuple[float, tuple]] = deque()
-        self.outs: dict[str, VideoOut] = {}
+        self.media = MediaOut(avatar, self.fps, options.video_kbps, options.keyframe_seconds, idle_cycles,
+                              self.composer)
         self.inbox: queue.Queue = queue.Queue()
         self._viewers: dict[str, object] = {}
         self._listeners: list[Callable[[dict, float], None]] = []
+        self._last_event_at = 0.0  # events are never earlier than the one before
         self.speaker = None  # the speech socket connected now (one at a time)
         self._lock = threading.Lock()
+        self._closing = False
         self.created = time.time()
         self.last_activity = time.monotonic()
         self.queued_seconds = 0.0  # speech received and not yet played (read by the speech route)
-        self.behind_seconds = 0.0  # how long the playing segment has waited for its frames
-        self.state = "idle"
-        self.counts = dict.fromkeys(("idle", "speech", "transition", "hold"), 0)
-        self.frames_sent = 0
         self.triton = {"requests": 0, "cancelled": 0, "faces": 0, "silent_frames": 0}
-        self.segments_played = self.segments_interrupted = 0
         self.speech_start, self.interrupt_latency = Latency(), Latency()
         self._interrupted_at: float | None = None
         self._last_progress = 0.0
@@ -204,19 +133,27 @@ class Session:
         self.inbox.put((time.monotonic(), sample_rate, pcm16))
 
     def segment_end(self) -> None:
+        """The open segment has all its audio (a speech socket that closes says so too)."""
         self.inbox.put(END)
 
     def interrupt(self) -> None:
         self.inbox.put((INTERRUPT, time.monotonic()))
 
     def close(self) -> None:
+        """End the session: no viewer joins any more; its thread stops at its next look at the inbox."""
+        with self._lock:
+            self._closing = True
         self.inbox.put(CLOSE)
 
     def add_viewer(self, viewer_id: str, viewer) -> None:
+        """Feed `viewer` from the next tick; SessionNotFound once the session is ending (a viewer
+        that raced DELETE or expiry is refused, and its connection closed by the caller)."""
         with self._lock:
+            if self._closing or self.closed.is_set():
+                raise SessionNotFound(f"session {self.id!r} has ended")
             self._viewers[viewer_id] = viewer
         metrics.SESSION_VIEWERS.inc()
-        self.want_keyframe(viewer.codec)
+        self.media.want_keyframe(viewer.codec)
 
     def remove_viewer(self, viewer_id: str):
         """The viewer, no longer fed (None if it was not one of this session's)."""
@@ -235,32 +172,12 @@ class Session:
         with self._lock:
             return self._viewers.get(viewer_id)
 
-    def want_keyframe(self, codec: str) -> None:
-        """A viewer joined: the next frame of its codec is a keyframe."""
-        out = self.outs.get(codec)
-        if out is not None:
-            out.keyframe_wanted = True
-
     def picture_lost(self, codec: str) -> None:
-        """A viewer lost its picture (PLI/FIR). While the idle replay plays, its next keyframe (at
-        most its GOP away) answers it: a live keyframe would take the session off the replay, and
-        every viewer of the codec onto live encoding, for up to that long. Otherwise a keyframe, at
-        most one a second: a receiver that cannot keep up asks again and again, and answering
-        each request would load the encoder when the network or the viewer is already struggling."""
-        out = self.outs.get(codec)
-        if out is None:
-            return
-        now = time.monotonic()
-        if out.replaying:
-            result = "replay"
-        elif now - out.last_loss_keyframe < PICTURE_LOSS_INTERVAL_S:
-            result = "throttled"
-        else:
-            out.keyframe_wanted, out.last_loss_keyframe, result = True, now, "keyframe"
-        metrics.SESSION_PICTURE_LOSS.labels(result).inc()
+        self.media.picture_lost(codec)
 
     def listen(self, notify: Callable[[dict, float], None]) -> None:
-        """`notify(event, at)` gets every speech event, `at` being when (time.monotonic) it happens."""
+        """`notify(event, at)` gets every speech event, `at` being when (time.monotonic) it happens;
+        `at` never decreases from one event to the next."""
         with self._lock:
             self._listeners.append(notify)
 
@@ -273,19 +190,24 @@ class Session:
         """Seconds without a viewer, a listener or speech."""
         return time.monotonic() - self.last_activity
 
+    @property
+    def state(self) -> str:
+        return self.timeline.state
+
     def status(self) -> dict:
+        timeline = self.timeline
         return {
-            "id": self.id, "avatar_id": self.avatar.id, "fps": self.fps, "state": self.state,
+            "id": self.id, "avatar_id": self.avatar.id, "fps": self.fps, "state": timeline.state,
             "width": self.avatar.size[0], "height": self.avatar.size[1],
-            "frames_sent": self.frames_sent, "viewers": len(self.viewers), "created": round(self.created, 3),
-            "seconds": round(self.tick / self.fps, 3), "clock_rebased": self.clock.rebased,
-            "queued_seconds": round(self.queued_seconds, 3), "behind_seconds": round(self.behind_seconds, 3),
-            "segments": {"played": self.segments_played, "interrupted": self.segments_interrupted,
-                         "queued": len(self.segments)},
-            "frames": dict(self.counts), "triton": dict(self.triton),
+            "frames_sent": self.media.frames_sent, "viewers": len(self.viewers), "created": round(self.created, 3),
+            "seconds": round(timeline.n / self.fps, 3), "clock_rebased": self.clock.rebased,
+            "queued_seconds": round(self.queued_seconds, 3), "behind_seconds": round(timeline.behind_seconds, 3),
+            "segments": {"played": timeline.played, "interrupted": timeline.interrupted,
+                         "queued": len(timeline.segments)},
+            "frames": dict(timeline.counts), "triton": self._triton_now(),
             "latency_ms": {"speech_start": self.speech_start.summary(),
                            "interrupt": self.interrupt_latency.summary()},
-            "idle_cycle_replayed": {codec: out.replaying for codec, out in dict(self.outs).items()},
+            "idle_cycle_replayed": self.media.replaying(),
             "error": self.error,
         }
 
@@ -295,20 +217,22 @@ class Session:
         return self
 
     def run(self) -> None:
+        metrics.SESSION_THREADS.inc()
         try:
             while True:
-                produce = self.clock.due(self.tick) - LEAD_S
+                produce = self.clock.due(self.timeline.n) - LEAD_S
                 now = time.monotonic()
                 if now >= produce:
                     if now > produce + REBASE_S:
-                        self.clock.rebase(self.tick, now)
+                        self.clock.rebase(self.timeline.n, now)
                     self._produce()
                     continue
-                if self.outgoing and now >= self.outgoing[0][0]:
+                next_due = self.media.next_due
+                if next_due is not None and now >= next_due:
                     self._publish(now)
                     continue
-                wake = min(produce, self.outgoing[0][0]) if self.outgoing else produce
-                busy = any(s.utterance.busy for s in list(self.segments)[:2])
+                wake = min(produce, next_due) if next_due is not None else produce
+                busy = any(s.utterance.busy for s in list(self.timeline.segments)[:2])
                 if self._read_inbox(min(wake - now, POLL_S) if busy else wake - now) is CLOSE:
                     return
                 self._generate()
@@ -318,19 +242,24 @@ class Session:
             metrics.triton_error(error)
             self._emit({"type": "error", "error": self.error}, time.monotonic())
         finally:
-            for segment in self.segments:
-                self._count_triton(segment)
-                segment.cancel()
-            self.segments.clear()
-            self.composer.close()
-            self.opus.close()
-            for out in self.outs.values():
-                out.close()
-            for viewer in self.viewers:
-                viewer.end()
-            self._emit({"type": "session_ended", "id": self.id}, time.monotonic())
-            memory.release()
-            self.closed.set()
+            self._stop()
+
+    def _stop(self) -> None:
+        with self._lock:
+            self._closing = True
+        dropped, events = self.timeline.interrupt()
+        for segment in dropped:
+            self._count_triton(segment)
+            segment.cancel()
+        self._emit_events(events)
+        self.composer.close()
+        self.media.close()
+        for viewer in self.viewers:
+            viewer.end()
+        self._emit({"type": "session_ended", "id": self.id}, time.monotonic())
+        memory.release()
+        self.closed.set()
+        metrics.SESSION_THREADS.dec()
 
     # -- speech in ------------------------------------------------------------------------
     def _read_inbox(self, timeout: float):
@@ -342,56 +271,49 @@ class Session:
             if item is CLOSE:
                 return CLOSE
             if item is END:
-                if self.segments and not self.segments[-1].ended:
-                    self.segments[-1].end()
+                if self.timeline.open_segment is not None:
+                    self.timeline.open_segment.end()
             elif item[0] is INTERRUPT:
                 self._interrupt(item[1])
             else:
-                when, rate, pcm16 = item
-                segment = self._open_segment(rate, when)
-                try:
-                    segment.add(pcm16, when)
-                except SegmentTooLong as error:  # it plays what it has; the speech socket closes
-                    segment.end()
-                    self._emit({"type": "error", "segment": segment.number, "error": str(error), "status": 413},
-                               time.monotonic())
+                self._speech(*item)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
+                self.queued_seconds = self.timeline.queued_seconds
                 return None
 
-    def _open_segment(self, sample_rate: int, when: float) -> Segment:
-        """The segment this audio belongs to: the last one if it has not ended, else a new one."""
-        if self.segments and not self.segments[-1].ended:
-            return self.segments[-1]
-        if self.segments:  # contiguous: it starts where the last queued segment ends
-            last = self.segments[-1]
-            start, alpha = last.start + last.frames, last.alpha(last.frames - 1) if last.frames else 0.0
-        else:  # after idle: where the cycle will be when its frame 0 is expected (if later, it holds)
-            start, alpha = self.position + math.floor(min(self.first_frame_seconds) * self.fps), 0.0
-        self.segment_count += 1
-        segment = Segment(self.segment_count, self.avatar, self.client, self.fps, sample_rate, start, self.options,
-                          alpha_before=alpha or 0.0)
-        self.segments.append(segment)
-        return segment
+    def _speech(self, when: float, rate: int, pcm16: bytes) -> None:
+        segment = self.timeline.open_segment
+        if segment is not None and segment.sample_rate != rate:  # another socket, another rate: a new segment
+            segment.end()
+            segment = None
+        if segment is None:
+            number, start, alpha = self.timeline.placement()
+            segment = Segment(number, self.avatar, self.client, self.fps, rate, start, self.options, alpha)
+            self.timeline.append(segment)
+        try:
+            segment.add(pcm16, when)
+        except SegmentTooLong as error:  # it plays what it has; the speech socket closes
+            segment.end()
+            self._emit({"type": "error", "segment": segment.number, "error": str(error), "status": 413},
+                       time.monotonic())
 
     def _interrupt(self, when: float) -> None:
         """Barge-in: every queued segment is dropped and its Triton requests cancelled."""
-        for segment in self.segments:
-            self._finish(segment, interrupted=True, at=when)
+        dropped, events = self.timeline.interrupt()
+        for segment in dropped:
             segment.cancel()
             self._count_triton(segment)
-        self.segments.clear()
-        self.queued_seconds = self.behind_seconds = 0.0
+        self._emit_events(events, now=when)
         self._interrupted_at = when
-        self.fade_step = max(self.fade_step, INTERRUPT_FADE_STEP)
 
     def _generate(self) -> None:
         """Move generation on: the playing segment up to `ahead_seconds` past its playback,
         the next one with what is left of that budget. A segment Triton fails is dropped
         (its listeners hear why); the session goes on."""
         budget = round(self.options.ahead_seconds * self.fps)
-        for segment in list(self.segments)[:2]:
+        for segment in list(self.timeline.segments)[:2]:
             try:
                 segment.step(until=segment.played + budget)
             except TritonClientError as error:
@@ -404,163 +326,83 @@ class Session:
                 return
 
     def _fail(self, segment: Segment, error: Exception) -> None:
-        from frontend.errors import status_of  # (the error table imports this package's errors)
-
         metrics.triton_error(error)
         log.warning("session %s: segment %d failed: %s", self.id, segment.number, error)
         status, message = status_of(error)
-        self._emit({"type": "error", "segment": segment.number, "error": message, "status": status},
-                   time.monotonic())
-        self.segments.remove(segment)
-        self._finish(segment, interrupted=True, at=time.monotonic())
+        now = time.monotonic()
+        self._emit({"type": "error", "segment": segment.number, "error": message, "status": status}, now)
+        self._emit_events([self.timeline.drop(segment)], now=now)
         segment.cancel()
         self._count_triton(segment)
 
     # -- ticks out ------------------------------------------------------------------------
     def _produce(self) -> None:
-        tick = self._next_tick()
+        tick = self.timeline.next()
         due = self.clock.due(tick.n)
-        self.counts[tick.kind] += 1
         metrics.SESSION_FRAMES.labels(tick.kind).inc()
         viewers = self.viewers
-        if viewers or self.segments or self._listeners:
+        if viewers or self.timeline.segments or self._listeners:
             self.last_activity = time.monotonic()
         if viewers:
-            self._encode(tick, due, {viewer.codec for viewer in viewers})
+            self.media.encode(tick, due, self.clock.due_sample, {viewer.codec for viewer in viewers})
         else:
-            for out in self.outs.values():
-                out.keyframe_wanted = True  # whoever comes next starts with a keyframe
+            self.media.unwatched()
+        for event in tick.events:
+            if event.type == "speech_started" and event.segment.first_audio_at is not None:
+                self.speech_start.add(due - event.segment.first_audio_at)
+                metrics.SESSION_SPEECH_START.observe(due - event.segment.first_audio_at)
+            if event.type == "speech_finished":
+                self._count_triton(event.segment)
+        self._emit_events(tick.events)
         if self._interrupted_at is not None and tick.kind != "speech":
             self.interrupt_latency.add(due - self._interrupted_at)
             self._interrupted_at = None
-        self._progress(due)
-        self.tick += 1
-
-    def _next_tick(self) -> Tick:
-        n = self.tick
-        start, stop = span(n, self.fps)
-        audio = np.zeros(stop - start, np.float32)
-        carry, self.carry = self.carry[: len(audio)], self.carry[len(audio) :]
-        audio[: len(carry)] += carry
-        segment = self.segments[0] if self.segments else None
-        if segment is not None and segment.ended and segment.frames == 0:  # under one frame of audio
-            self._drop_finished(segment)
-            segment = self.segments[0] if self.segments else None
-        if segment is None or (segment.played == 0 and self.position < segment.start):
-            return self._idle_tick(n, audio)
-        k = segment.played
-        if not (segment.ready_to_start() if k == 0 else segment.ready(k)):
-            self.behind_seconds += 1 / self.fps if k else 0.0
-            self.state = "speaking" if k else self.state
-            shown = self.shown or Tick(n, self.position, "idle", audio)
-            return self._shown(Tick(n, shown.position, "hold", audio, shown.face, shown.strength))
-        strength = segment.alpha(k)
-        face = segment.face(k) if strength > 0 else None
-        speech = segment.audio_of(k)
-        audio[: len(speech)] += speech
-        tick = self._shown(Tick(n, self.position, "speech", audio, face, strength))
-        if k == 0:
-            self.speech_start.add(self.clock.due(n) - segment.first_audio_at)
-            metrics.SESSION_SPEECH_START.observe(self.clock.due(n) - segment.first_audio_at)
-            if segment.first_frame_at is not None:
-                self.first_frame_seconds.append(segment.first_frame_at - segment.first_audio_at)
-            self._emit({"type": "speech_started", "segment": segment.number}, self.clock.due(n))
-        segment.played += 1
-        self.position += 1
-        self.alpha, self.last_face = strength, face if face is not None else self.last_face
-        self.state = "speaking"
-        self.queued_seconds = sum(s.queued_seconds for s in self.segments)
-        if segment.ended and segment.played == segment.frames:
-            self._drop_finished(segment)
-        return tick
-
-    def _idle_tick(self, n: int, audio: np.ndarray) -> Tick:
-        self.state, self.behind_seconds = "idle", 0.0
-        position = self.position
-        self.position += 1
-        if self.alpha > 0 and self.last_face is not None:  # fading out after speech
-            self.alpha = max(0.0, self.alpha - self.fade_step)
-            if self.alpha > 0:
-                return self._shown(Tick(n, position, "transition", audio, self.last_face, self.alpha))
-        self.alpha, self.last_face = 0.0, None
-        self.fade_step = 1.0 / max(1, self.options.transition_frames)
-        return self._shown(Tick(n, position, "idle", audio))
-
-    def _shown(self, tick: Tick) -> Tick:
-        self.shown = tick
-        return tick
-
-    def _drop_finished(self, segment: Segment) -> None:
-        self.segments.popleft()
-        self.carry = np.concatenate([self.carry, segment.remainder()])
-        self._finish(segment, interrupted=False, at=self.clock.due(self.tick + 1))
-        self._count_triton(segment)
-        self.queued_seconds = sum(s.queued_seconds for s in self.segments)
-
-    def _finish(self, segment: Segment, interrupted: bool, at: float) -> None:
-        if interrupted:
-            self.segments_interrupted += 1
-        else:
-            self.segments_played += 1
-        self._emit({"type": "speech_finished", "segment": segment.number,
-                    "played_seconds": round(segment.played / self.fps, 3), "interrupted": interrupted}, at)
-
-    def _count_triton(self, segment: Segment) -> None:
-        flight = segment.utterance.flight
-        self.triton["requests"] += flight.requests
-        self.triton["cancelled"] += flight.cancelled
-        self.triton["silent_frames"] += segment.utterance.skipped
-        self.triton["faces"] += segment.faces_received
-
-    def _encode(self, tick: Tick, due: float, codecs: set[str]) -> None:
-        """The tick's packets, once per codec watched, queued for their time."""
-        picture = self._picture(tick)
-        packets = {}
-        for codec in codecs:
-            if codec not in self.outs:
-                self.outs[codec] = VideoOut(codec, self.avatar, self.options, self.idle_cycles)
-            packets[codec] = self.outs[codec].frame(tick, picture)
-        self.outgoing.append((due, ("video", tick.n, packets)))
-        for pts, data in self.opus.add(tick.audio, span(tick.n, self.fps)[0]):
-            self.outgoing.append((self.clock.due_sample(pts), ("audio", pts, data)))
-        self.frames_sent += 1
+        self.queued_seconds = self.timeline.queued_seconds
+        self._progress(tick, due)
 
     def _publish(self, now: float) -> None:
-        """Hand every packet that is due to the viewers: video frame n and the audio of frame n
-        leave at the same moment, so the sender reports of both tracks tell the same clock."""
-        due = []
-        while self.outgoing and self.outgoing[0][0] <= now + 0.001:
-            due.append(self.outgoing.popleft()[1])
+        due = self.media.due(now)
         for viewer in self.viewers:
             viewer.publish(due)
 
-    def _picture(self, tick: Tick) -> Callable[[], np.ndarray]:
-        """The tick's frame, composed only if some codec needs it (not for replayed idle packets)."""
-        made: list[np.ndarray] = []
+    def _count_triton(self, segment: Segment, into: dict | None = None) -> dict:
+        """Add a segment's Triton figures to the session's (when it ends), or to `into`."""
+        counts = self.triton if into is None else into
+        flight = segment.utterance.flight
+        counts["requests"] += flight.requests
+        counts["cancelled"] += flight.cancelled
+        counts["silent_frames"] += segment.utterance.skipped
+        counts["faces"] += segment.faces_received
+        return counts
 
-        def picture() -> np.ndarray:
-            if not made:
-                if tick.kind == "hold" and self.last_picture and self.last_picture[0] == tick.n - 1:
-                    made.append(self.last_picture[1])  # the same frame again
-                else:
-                    made.append(self.composer.frame(tick.position, tick.face, tick.strength))
-                self.last_picture = (tick.n, made[0])
-            return made[0]
-
-        return picture
+    def _triton_now(self) -> dict:
+        """The ended segments' Triton figures with those of the queued ones so far, and the frames
+        on their way to Triton now."""
+        counts, segments = dict(self.triton), list(self.timeline.segments)
+        for segment in segments:
+            self._count_triton(segment, counts)
+        in_flight = sum(len(indices) for s in segments for indices, _ in list(s.utterance.flight.batches))
+        return {**counts, "in_flight": in_flight}  # (a copy of each deque: the session's thread changes them)
 
     # -- events ---------------------------------------------------------------------------
+    def _emit_events(self, events: list[Event], now: float | None = None) -> None:
+        for event in events:
+            at = now if event.n is None else self.clock.due(event.n)
+            self._emit(event.message(), at if at is not None else time.monotonic())
+
     def _emit(self, event: dict, at: float) -> None:
         with self._lock:
             listeners = list(self._listeners)
+            at = self._last_event_at = max(at, self._last_event_at)
         for notify in listeners:
             notify(event, at)
 
-    def _progress(self, due: float) -> None:
-        if not self.segments or due - self._last_progress < PROGRESS_EVERY_S:
+    def _progress(self, tick: Tick, due: float) -> None:
+        segments = self.timeline.segments
+        if not segments or due - self._last_progress < PROGRESS_EVERY_S:
             return
         self._last_progress = due
-        head = self.segments[0]
+        head = segments[0]
         self._emit({"type": "progress", "segment": head.number, "played_seconds": round(head.played / self.fps, 3),
                     "queued_seconds": round(self.queued_seconds, 3),
-                    "behind_seconds": round(self.behind_seconds, 3)}, due)
+                    "behind_seconds": round(self.timeline.behind_seconds, 3)}, due)

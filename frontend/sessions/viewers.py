@@ -23,15 +23,12 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from frontend.exceptions import OfferError
 from frontend.video.rtc import AUDIO_RATE, VIDEO_CODECS, EncodedFrame
 
 log = logging.getLogger("musetalk.frontend")
 
 QUEUE_SECONDS = 2.0  # packets a viewer may fall behind by before its oldest are dropped
-
-
-class OfferError(ValueError):
-    """An SDP offer we cannot answer (the message says why)."""
 
 
 class PacketTrack(MediaStreamTrack):
@@ -156,5 +153,9 @@ async def connect(session, offer_sdp: str, ice_servers: list[dict], on_gone) -> 
         if pc.connectionState in ("failed", "closed"):
             await on_gone(viewer)
 
-    session.add_viewer(viewer.id, viewer)
+    try:
+        session.add_viewer(viewer.id, viewer)  # refused if the session ended meanwhile
+    except BaseException:
+        await viewer.close()
+        raise
     return viewer
