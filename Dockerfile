@@ -57,6 +57,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 
+# uvicorn, with a drain on SIGTERM (sessions told to move, then ended: frontend/__main__.py).
 # WebSocket messages above 2 MiB (decompressed) are refused by uvicorn itself (1009); the routes
 # refuse PCM messages above 1 MiB with a JSON error (4413).
-CMD ["uvicorn", "--factory", "frontend.app:create_app", "--host", "0.0.0.0", "--port", "8080", "--ws-max-size", "2097152"]
+CMD ["python", "-m", "frontend", "--host", "0.0.0.0", "--port", "8080"]

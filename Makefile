@@ -12,28 +12,31 @@ PY := $(VENV)/bin/python
 # Real checkpoints when models/ holds them, otherwise full-size random weights (said loudly).
 WEIGHTS := $(if $(wildcard models/musetalkV15/unet.pth),--weights models,--synthetic)
 
-.PHONY: demo test lint browser env triton-env pipecat-env export triton serve talk bench perf lint-docker clean
+.PHONY: demo test lint debian-packages env triton-env pipecat-env export triton serve talk bench perf lint-docker clean
 
 demo: env triton-env
 	$(PY) -m stack.demo --profile $(PROFILE)
 
-test: env triton-env pipecat-env browser lint
+test: env triton-env pipecat-env debian-packages lint
 	$(PY) -m pytest -q
 
 lint: env
 	$(VENV)/bin/ruff check .
 
-# The page tests need a real browser: Debian's chromium (Playwright's own download is not
-# reachable everywhere). Installed when missing and we are root (CI); otherwise the page
-# tests fail naming the package, unless MUSETALK_SKIP_BROWSER_TESTS=1 opts out of them.
-browser:
-	@command -v chromium >/dev/null || { \
+# The tests use real parts from Debian: chromium (the page tests; Playwright's own download is not
+# reachable everywhere), coturn (a TURN relay) and nginx (a load balancer before two replicas).
+# Installed when missing and we are root (CI); otherwise the tests that need one fail naming
+# the package (MUSETALK_SKIP_BROWSER_TESTS=1 opts out of the page tests).
+DEBIAN_PACKAGES := chromium:chromium coturn:turnserver nginx-light:nginx
+debian-packages:
+	@missing=""; for entry in $(DEBIAN_PACKAGES); do \
+	  command -v "$${entry#*:}" >/dev/null || [ -x "/usr/sbin/$${entry#*:}" ] || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian's chromium for the page tests..."; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	      || echo "note: could not install chromium: the page tests will say so"; \
-	  else echo "note: chromium is missing (apt-get install chromium): the page tests will fail" \
-	    "(MUSETALK_SKIP_BROWSER_TESTS=1 skips them)"; fi; }
+	    echo "installing Debian's$$missing for the tests..."; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	      || echo "note: could not install$$missing: the tests that need them will say so"; \
+	  else echo "note: missing$$missing (apt-get install$$missing): the tests that need them will fail"; fi; fi
 
 env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml

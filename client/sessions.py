@@ -15,11 +15,19 @@
 Every frame that arrives says when its first RTP packet arrived (`arrived`,
 time.monotonic) and its RTP timestamp, before any jitter buffer or decoder:
 what latency and lip-sync measurements need.
+
+Sessions move. A replica that shuts down (a rollout, a scale-in) says `going_away` first;
+a front end that restarts, or a replica that is gone, ends the speech socket or the WebRTC
+connection. Then the session opens a new one at the same URL (the Service sends it to a
+replica that is up) and moves there: the same Viewer objects go on receiving frames, the
+same Speech objects take PCM and give events, and a `session_moved` event says so (what
+was queued on the old one is not spoken: a new turn speaks again). `follow=False` turns it off.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,8 +37,12 @@ import httpx
 import websockets
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 BUFFER_SECONDS = 10.0  # frames kept for a reader that falls behind (the oldest go first)
+MOVE_WITHIN_S = 60.0  # how long a move keeps trying to open a new session (503s while replicas start)
+GONE_CODES = {1001, 1006, 1011, 1012, 4404, 4503}  # a speech socket closed by these: the session is gone
+log = logging.getLogger("musetalk.sessions")
 
 
 class SessionError(RuntimeError):
@@ -62,23 +74,32 @@ def _check(response: httpx.Response) -> httpx.Response:
 class AvatarSession:
     """A session on the front end at `url` (its JSON description is `info`)."""
 
-    def __init__(self, url: str, info: dict, http: httpx.AsyncClient):
+    def __init__(self, url: str, info: dict, http: httpx.AsyncClient, request: dict, relay_only: bool = False,
+                 follow: bool = True, move_within_s: float = MOVE_WITHIN_S):
         self.url, self.info, self.http = url.rstrip("/"), info, http
         self.id = info["id"]
+        self.request, self.relay_only, self.follow = request, relay_only, follow
+        self.move_within_s = move_within_s
         self.viewers: list[Viewer] = []
         self.speeches: list[Speech] = []
+        self.moves = 0
+        self.closed = False
+        self._moving: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, url: str, avatar_id: str | None = None, fps: int = 25, **options) -> AvatarSession:
-        """POST /sessions; `options`: transition_frames, silence_dbfs."""
+    async def open(cls, url: str, avatar_id: str | None = None, fps: int = 25, relay_only: bool = False,
+                   follow: bool = True, move_within_s: float = MOVE_WITHIN_S, **options) -> AvatarSession:
+        """POST /sessions; `options`: transition_frames, silence_dbfs. `relay_only`: the viewers
+        take media through a TURN relay only (what a viewer behind a strict firewall gets).
+        `follow`: move to a new session when this one goes away, trying for `move_within_s`."""
         http = httpx.AsyncClient(base_url=url, timeout=30)
+        body = {"fps": fps, **({"avatar_id": avatar_id} if avatar_id else {}), **options}
         try:
-            body = {"fps": fps, **({"avatar_id": avatar_id} if avatar_id else {}), **options}
-            info = _check(await http.post("/sessions", json=body)).json()
+            info = await _create(http, body)
         except BaseException:
             await http.aclose()
             raise
-        return cls(url, info, http)
+        return cls(url, info, http, body, relay_only, follow, move_within_s)
 
     async def status(self) -> dict:
         return _check(await self.http.get(f"/sessions/{self.id}")).json()
@@ -92,17 +113,66 @@ class AvatarSession:
 
     async def speech(self, sample_rate: int = 16000) -> Speech:
         """The session's speech socket (one at a time per session)."""
-        # The cookies of this session's answers go along: behind a load balancer with cookie
-        # affinity they are what brings the socket to the replica that holds the session.
-        cookies = "; ".join(f"{name}={value}" for name, value in self.http.cookies.items())
-        speech = Speech(await websockets.connect(
-            f"{self.url.replace('http', 'ws', 1)}/sessions/{self.id}/speech?sample_rate={sample_rate}",
-            max_size=None, open_timeout=30, additional_headers={"Cookie": cookies} if cookies else None))
+        speech = Speech(self, sample_rate)
+        await speech.connect()
         self.speeches.append(speech)
         return speech
 
+    def ice_configuration(self) -> RTCConfiguration:
+        servers = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+                   for s in self.info.get("ice_servers", [])]
+        policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+        return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+    # -- moving -------------------------------------------------------------------------------
+    def gone(self, why: str) -> None:
+        """The session is going away, or has gone (`why`): move to a new one (once at a time)."""
+        if not self.follow or self.closed or (self._moving is not None and not self._moving.done()):
+            return
+        self._moving = asyncio.ensure_future(self._move(why))
+
+    async def moved(self) -> None:
+        """Wait for a move in progress, if any."""
+        if self._moving is not None:
+            await asyncio.shield(self._moving)
+
+    async def _move(self, why: str) -> None:
+        started, old = time.monotonic(), self.id
+        deadline = started + self.move_within_s
+        while True:
+            try:
+                info = await _create(self.http, self.request)
+                break
+            except (SessionError, httpx.HTTPError) as error:
+                if time.monotonic() > deadline or self.closed:
+                    log.error("MuseTalk session %s is gone (%s) and no new one opened: %s", old, why, error)
+                    for speech in self.speeches:
+                        speech.note({"type": "error", "error": f"the session is gone and no new one opened: {error}"})
+                    for viewer in self.viewers:  # their tracks have ended for good
+                        viewer.ended()
+                    return
+                await asyncio.sleep(_retry_after(error))
+        self.info, self.id = info, info["id"]
+        for viewer in self.viewers:
+            await viewer.reconnect()
+        for speech in self.speeches:
+            await speech.reconnect()
+        self.moves += 1
+        seconds = time.monotonic() - started
+        log.info("MuseTalk session %s went away (%s): moved to session %s in %.2f s", old, why, self.id, seconds)
+        event = {"type": "session_moved", "from": old, "to": self.id, "seconds": round(seconds, 3), "why": why}
+        for speech in self.speeches:
+            speech.note(event)
+        try:
+            await self.http.delete(f"/sessions/{old}")  # a draining replica ends it sooner
+        except httpx.HTTPError:
+            pass
+
     async def close(self) -> None:
         """End the session (DELETE), and close what this object opened."""
+        self.closed = True
+        if self._moving is not None:
+            self._moving.cancel()
         for speech in self.speeches:
             await speech.close()
         for viewer in self.viewers:
@@ -121,34 +191,61 @@ class AvatarSession:
         await self.close()
 
 
+async def _create(http: httpx.AsyncClient, body: dict) -> dict:
+    return _check(await http.post("/sessions", json=body)).json()
+
+
+def _retry_after(error: BaseException) -> float:
+    status = getattr(error, "status", None)
+    return 1.0 if status in (429, 503) else 2.0
+
+
 class Viewer:
     """A WHEP viewer: `video` and `audio` are queues of `Received` frames (a frame of None
-    when the track has ended)."""
+    when the track has ended for good: the session ended and was not followed)."""
 
     def __init__(self, session: AvatarSession):
         self.session = session
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[
-            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-            for s in session.info.get("ice_servers", [])]))
+        self.pc: RTCPeerConnection | None = None
         self.video: asyncio.Queue[Received] = asyncio.Queue()
         self.audio: asyncio.Queue[Received] = asyncio.Queue()
         self.location: str | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def connect(self) -> None:
-        transceivers = [self.pc.addTransceiver(kind, direction="recvonly") for kind in ("video", "audio")]
+        self.pc = pc = RTCPeerConnection(self.session.ice_configuration())
+        transceivers = [pc.addTransceiver(kind, direction="recvonly") for kind in ("video", "audio")]
         arrivals = [_probe(t.receiver) for t in transceivers]
-        await self.pc.setLocalDescription(await self.pc.createOffer())  # gathers every candidate first
+        await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate first
         response = _check(await self.session.http.post(
-            self.session.info["whep"], content=self.pc.localDescription.sdp,
+            self.session.info["whep"], content=pc.localDescription.sdp,
             headers={"Content-Type": "application/sdp"}))
         self.location = response.headers["Location"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+
+        @pc.on("connectionstatechange")
+        async def changed() -> None:
+            if pc.connectionState == "failed" and pc is self.pc:
+                self.session.gone("the WebRTC connection failed")
+
         for transceiver, noted, out in zip(transceivers, arrivals, (self.video, self.audio)):
             self._tasks.append(asyncio.ensure_future(self._read(transceiver.receiver.track, noted, out)))
 
-    @staticmethod
-    async def _read(track, arrivals: _Arrivals, out: asyncio.Queue) -> None:
+    def ended(self) -> None:
+        """The viewer's media are over (the session ended and no new one could be opened)."""
+        for queue in (self.video, self.audio):
+            queue.put_nowait(Received(None, time.monotonic(), 0))
+
+    async def reconnect(self) -> None:
+        """Watch the session again (it moved): the same queues go on."""
+        old, tasks = self.pc, self._tasks
+        self._tasks = []
+        for task in tasks:
+            task.cancel()  # the old tracks' end is not the viewer's end
+        await self.connect()
+        await old.close()
+
+    async def _read(self, track, arrivals: _Arrivals, out: asyncio.Queue) -> None:
         try:
             while True:
                 frame = await track.recv()
@@ -157,6 +254,9 @@ class Viewer:
                     out.get_nowait()
                 out.put_nowait(Received(frame, arrivals.at(timestamp), timestamp))
         except MediaStreamError:
+            if self.session.follow and not self.session.closed:
+                self.session.gone("its media ended")
+                return  # the move reconnects this viewer (or ends it, if no new session opens)
             out.put_nowait(Received(None, time.monotonic(), 0))
 
     async def close(self, delete: bool = True) -> None:
@@ -166,7 +266,8 @@ class Viewer:
                 _check(response)
         for task in self._tasks:
             task.cancel()
-        await self.pc.close()
+        if self.pc is not None:
+            await self.pc.close()
 
 
 class _Arrivals:
@@ -206,23 +307,49 @@ def _probe(receiver) -> _Arrivals:
 
 
 class Speech:
-    """The speech socket: PCM in, segment ends, interrupts; events out."""
+    """The speech socket: PCM in, segment ends, interrupts; events out. After a move it is the
+    new session's socket (PCM sent while it moves waits for it)."""
 
-    def __init__(self, socket):
-        self.socket = socket
+    def __init__(self, session: AvatarSession, sample_rate: int):
+        self.session, self.sample_rate = session, sample_rate
+        self.socket = None
         self.events: asyncio.Queue[dict] = asyncio.Queue()
         self.seen: list[dict] = []  # every event so far, in the order the session sent them
-        self.closed: int | None = None  # the close code, once closed
-        self._reader = asyncio.ensure_future(self._read())
+        self.closed: int | None = None  # the close code, once closed for good
+        self._reader: asyncio.Task | None = None
+        self._closing = False
+
+    async def connect(self) -> None:
+        session = self.session
+        url = f"{session.url.replace('http', 'ws', 1)}/sessions/{session.id}/speech?sample_rate={self.sample_rate}"
+        self.socket = await websockets.connect(url, max_size=None, open_timeout=30)
+        self._reader = asyncio.ensure_future(self._read(self.socket))
+
+    async def reconnect(self) -> None:
+        old, reader = self.socket, self._reader
+        await self.connect()
+        if reader is not None:
+            reader.cancel()
+        await old.close()
 
     async def send(self, pcm16: bytes) -> None:
-        await self.socket.send(pcm16)
+        await self._send(pcm16)
 
     async def end_segment(self) -> None:
-        await self.socket.send(json.dumps({"type": "segment_end"}))
+        await self._send(json.dumps({"type": "segment_end"}))
 
     async def interrupt(self) -> None:
-        await self.socket.send(json.dumps({"type": "interrupt"}))
+        await self._send(json.dumps({"type": "interrupt"}))
+
+    async def _send(self, message) -> None:
+        try:
+            await self.socket.send(message)
+        except websockets.ConnectionClosed:
+            if not (self.session.follow and not self.session.closed):
+                raise
+            self.session.gone("the speech socket closed")
+            await self.session.moved()  # then on the new session's socket
+            await self.socket.send(message)
 
     async def event(self, kind: str | None = None, timeout: float = 60) -> dict:
         """The next event (of `kind`, skipping others)."""
@@ -232,21 +359,33 @@ class Speech:
             if kind is None or event["type"] == kind or event["type"] in ("error", "closed"):
                 return event
 
-    async def _read(self) -> None:
+    def note(self, event: dict) -> None:
+        event.setdefault("received", time.monotonic())
+        self.seen.append(event)
+        self.events.put_nowait(event)
+
+    async def _read(self, socket) -> None:
         try:
-            async for message in self.socket:
+            async for message in socket:
                 if isinstance(message, str):
                     event = json.loads(message)
-                    event["received"] = time.monotonic()
-                    self.seen.append(event)
-                    self.events.put_nowait(event)
+                    self.note(event)
+                    if event["type"] == "going_away":
+                        self.session.gone("its replica is shutting down")
         except websockets.ConnectionClosed:
             pass
         finally:
-            self.closed = self.socket.close_code
-            self.events.put_nowait({"type": "closed", "code": self.socket.close_code,
-                                    "reason": self.socket.close_reason})
+            if socket is self.socket:  # (a socket left behind by a move says nothing)
+                code = socket.close_code
+                if not self._closing and code in GONE_CODES and self.session.follow and not self.session.closed:
+                    self.session.gone(f"the speech socket closed ({code})")
+                else:
+                    self.closed = code
+                    self.note({"type": "closed", "code": code, "reason": socket.close_reason})
 
     async def close(self) -> None:
-        await self.socket.close()
-        self._reader.cancel()
+        self._closing = True
+        if self.socket is not None:
+            await self.socket.close()
+        if self._reader is not None:
+            self._reader.cancel()

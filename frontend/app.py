@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from frontend import errors, metrics
 from frontend.routes import avatars, generation, health, live, page, sessions
 from frontend.services import Services
+from frontend.sessions.routing import SessionRouter
 from frontend.settings import Settings
 
 ENVELOPE = 2**16  # what multipart adds around an upload of the limit's size
@@ -74,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
 
     app.add_middleware(BodyLimit, limit=services.upload_limit + ENVELOPE, megabytes=services.settings.max_upload_mb)
+    # Outermost: a request for a session another replica holds goes there as it came.
+    app.add_middleware(SessionRouter, ids=services.sessions.ids)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

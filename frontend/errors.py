@@ -30,6 +30,7 @@ from frontend.admission import Overloaded, TooLong
 from frontend.avatars.media import MediaError, MediaTooLarge
 from frontend.avatars.store import AvatarChanged, AvatarError, AvatarExists, AvatarNotFound
 from frontend.exceptions import (
+    Draining,
     LiveError,
     LiveIdle,
     LiveTooLong,
@@ -38,6 +39,7 @@ from frontend.exceptions import (
     SessionNotFound,
     SpeechSocketBusy,
     TooManySessions,
+    TooManyViewers,
 )
 from frontend.speech.audio import AudioError
 
@@ -78,6 +80,8 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     LiveTooLong: (413, ""),
     LiveIdle: (408, ""),
     TooManySessions: (429, ""),
+    TooManyViewers: (429, ""),
+    Draining: (503, ""),
     Overloaded: (429, ""),
     TooLong: (503, ""),
     SessionNotFound: (404, ""),

@@ -25,6 +25,18 @@ class TooManySessions(RuntimeError):
     retry_after = 10
 
 
+class TooManyViewers(RuntimeError):
+    """A session already has as many viewers as it takes (429)."""
+
+    retry_after = 5
+
+
+class Draining(RuntimeError):
+    """This replica is shutting down: new sessions go to another one (503, retry at once)."""
+
+    retry_after = 1
+
+
 class SessionNotFound(LookupError):
     """No session of that id (never created, ended, or on another replica)."""
 

@@ -33,6 +33,8 @@ SESSION_THREADS = Gauge("musetalk_session_threads", "Conversational sessions' th
 SESSION_ERRORS = Counter("musetalk_session_housekeeping_errors", "Unexpected errors of the sessions' expiry loop "
                          "(logged; the loop goes on)")
 LIVE_SLOTS_IN_USE = Gauge("musetalk_live_slots_in_use", "Live-session slots taken now (conversational and /ws/live)")
+SESSION_VIEWERS_DROPPED = Counter("musetalk_session_viewers_dropped", "Viewers let go because they could not keep "
+                                  "up (a second of video lost while their packets waited)")
 SESSION_VIEWERS = Gauge("musetalk_session_viewers", "WebRTC viewers of conversational sessions now")
 SESSION_FRAMES = Counter("musetalk_session_frames", "Conversational sessions' video frames, by kind "
                          "(idle, speech, transition, hold)", ["kind"])

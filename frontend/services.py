@@ -28,9 +28,12 @@ from frontend.avatars.media import Media, open_media
 from frontend.errors import NotReady, UploadTooLarge, status_of
 from frontend.sessions.idle import IdleCycles
 from frontend.sessions.registry import Sessions
+from frontend.sessions.routing import SessionIds
 from frontend.sessions.session import SessionOptions
+from frontend.sessions.turn import IceServers
 from frontend.settings import Settings
 
+PACE_STAGGER_S = 0.05  # the second frame of the pace measurement is sent this long after the first
 IDLE_GOP = 50  # an encoded idle cycle has a keyframe every 50 frames: where sessions may start its replay
 
 log = logging.getLogger("musetalk.frontend")
@@ -58,8 +61,13 @@ class Services:
                                 max_in_flight=settings.in_flight * (4 + settings.max_live_sessions))
         store = avatars.AvatarStore(settings.avatar_dir, int(settings.avatar_cache_mb * 2**20))
         slots = LiveSlots(settings.max_live_sessions)
-        sessions = Sessions(client, slots, settings.session_idle_seconds,
-                            settings.ice_servers, IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP))
+        secret = settings.turn_secret.get_secret_value() if settings.turn_secret else None
+        ice = IceServers(settings.ice_servers, settings.turn_urls, secret, settings.turn_ttl_seconds)
+        routing = settings.routing_secret.get_secret_value() if settings.routing_secret else \
+            shared_secret(settings.avatar_dir) if settings.replica_url else ""
+        sessions = Sessions(client, slots, settings.session_idle_seconds, ice,
+                            IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP),
+                            SessionIds(settings.replica_url, routing), settings.max_viewers_per_session)
         generations = Admission("generation", settings.max_frames_in_progress, settings.admission_queue,
                                 settings.admission_wait_seconds, "frames",
                                 pace=lambda: client.deadlines.seconds_per_item(specs.MUSETALK.name),
@@ -89,23 +97,28 @@ class Services:
         threading.Thread(target=self._measure_pace, name="first-frame", daemon=True).start()
 
     def _measure_pace(self) -> None:
-        """Send one frame through the ensemble (and one window through the audio encoder) as
+        """Send two frames through the ensemble (and one window through the audio encoder) as
         soon as Triton is ready: the client then knows this server's pace, so the first request's
         deadlines and the admission's time limit follow from it, and the first request pays no
-        first-call costs of its own. Readiness waits for it; Triton away means trying again."""
+        first-call costs of its own. The second frame follows the first closely, as requests do
+        in use: its unet runs beside the first one's decoder (a lone frame would make the pace
+        look half as fast on a CPU). Readiness waits for it; Triton away means trying again."""
         audio, latents = (np.zeros((1, *t.shape), np.float32) for t in specs.MUSETALK.inputs)
         mel = np.zeros((1, *specs.AUDIO_ENCODER.inputs[0].shape), np.float32)
         while not self.warmed.is_set():
             try:
                 self.client.wait_until_ready(timeout_s=3600, models=[specs.MUSETALK.name, specs.AUDIO_ENCODER.name])
                 self.client.audio_encoder(mel)
-                self.client.musetalk(audio, latents)
+                first = self.client.submit(self.client.musetalk, audio, latents)
+                time.sleep(PACE_STAGGER_S)
+                second = self.client.submit(self.client.musetalk, audio, latents)
+                first.result(), second.result()
             except Exception as error:  # noqa: BLE001 - Triton away or restarting: try again
                 log.warning("could not send a first frame to Triton (trying again): %s", error)
                 time.sleep(2)
                 continue
             self.warmed.set()
-            log.info("Triton answered a first frame: %.3g s per frame here (batch 1)",
+            log.info("Triton answered its first frames: %.3g s per frame here",
                      self.client.deadlines.seconds_per_item(specs.MUSETALK.name))
 
     # -- uploads --------------------------------------------------------------------------
@@ -146,8 +159,14 @@ class Services:
         return preparation.prepare(job.avatar_id, media, encode, job.staging, params["bbox_shift"],
                                    params["extra_margin"], progress, cancelled)
 
+    async def drain(self) -> None:
+        """The replica is shutting down (SIGTERM: python -m frontend): sessions move elsewhere."""
+        await self.sessions.drain(self.settings.drain_seconds)
+
     def _readiness_problem(self) -> str | None:
         """What keeps the service from serving its default request (None: nothing)."""
+        if self.sessions.draining:
+            return "draining: this replica is shutting down"
         if not self.client.server_ready():
             return f"Triton at {self.settings.triton_url} is not reachable or not ready"
         waiting = [m for m in specs.MODELS if not self.client.model_ready(m)]
@@ -250,6 +269,28 @@ class Readiness:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def shared_secret(folder: Path, name: str = ".routing-secret") -> str:
+    """A secret every replica sharing `folder` (the avatar volume) reads alike: made by the first
+    one to look (created exclusively: a second replica racing it reads the first one's)."""
+    import os
+    import secrets
+
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # the one that made it may still be writing it
+            if value := path.read_text().strip():
+                return value
+            time.sleep(0.1)
+        raise RuntimeError(f"{path} is empty: delete it and restart") from None
+    value = secrets.token_urlsafe(32)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(value)
+    return value
 
 
 def describe_job(job: dict | None) -> str:

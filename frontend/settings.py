@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import specs
@@ -70,7 +70,32 @@ class Settings(BaseSettings):
         60.0, gt=0, description="speech a session queues before its speech socket stops being read")
     webrtc_video_kbps: int = Field(1500, ge=100, le=20000, description="sessions' video bitrate")
     ice_servers: list[dict] = Field(
-        default_factory=list, description="STUN/TURN servers for WebRTC, as browsers' RTCIceServer JSON: "
-        '[{"urls": "turn:turn.example.com:3478", "username": "u", "credential": "p"}]')
+        default_factory=list, description="STUN servers (or TURN servers with static credentials) for WebRTC, "
+        'as browsers\' RTCIceServer JSON: [{"urls": "stun:stun.example.com:3478"}]')
+    turn_urls: list[str] = Field(
+        default_factory=list, description="TURN servers whose credentials each session mints from turn_secret "
+        '(short-lived, the TURN REST API convention): ["turn:turn.example.com:3478?transport=udp", '
+        '"turn:turn.example.com:3478?transport=tcp"]')
+    turn_secret: SecretStr | None = Field(
+        None, description="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret)")
+    turn_ttl_seconds: float = Field(
+        86400.0, gt=0, description="how long minted TURN credentials last; the TURN server checks them at "
+        "every refresh of a relay, so they must outlast the longest session")
+    max_viewers_per_session: int = Field(8, ge=1, description="WebRTC viewers of one session; more get 429")
+    replica_url: str = Field(
+        "", description="with several replicas: where the others reach this one (http://POD_IP:8080); a "
+        "session's id then says which replica holds it, and any replica forwards its requests there")
+    routing_secret: SecretStr | None = Field(
+        None, description="the secret every replica shares to sign session ids (default: one made once in "
+        "the shared avatar folder, avatar_dir/.routing-secret)")
+    drain_seconds: float = Field(
+        60.0, ge=0, description="on SIGTERM (python -m frontend): how long sessions get to move elsewhere "
+        "before they are ended")
     synthetic_weights: bool | None = Field(
         None, description="say that the models have random weights (default: ask Triton's model config)")
+
+    @model_validator(mode="after")
+    def _turn_needs_its_secret(self) -> Settings:
+        if self.turn_urls and self.turn_secret is None:
+            raise ValueError("MUSETALK_TURN_URLS needs MUSETALK_TURN_SECRET (the TURN server's shared secret)")
+        return self

@@ -13,13 +13,16 @@ output transport (SmallWebRTC, Daily, LiveKit) delivers them in step; `TTSStarte
 `TTSStoppedFrame` when the avatar starts and stops speaking a segment (the upstream ones are
 consumed: they tell when the TTS made the audio, not when it is heard). On `InterruptionFrame`
 it interrupts the session (queued speech dropped, its Triton requests cancelled) and drops what
-it holds. Errors of the front end become `ErrorFrame`s carrying its message.
+it holds. Errors of the front end become `ErrorFrame`s carrying its message. When its session goes
+away (a replica drained in a rollout, a front end restarted) it moves to a new one and goes on
+(a log line says so); what was being said then is not repeated.
 """
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
+from loguru import logger
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -38,19 +41,24 @@ from pipecat.services.settings import ServiceSettings
 from client.sessions import AvatarSession
 
 SILENCE = 1e-3  # peak of the idle avatar's audio (-60 dBFS): decoded Opus silence is not quite zero
+MAX_FILLED_S = 2.0  # a longer gap in the audio is not the session's silence but a lost connection
 
 
 class MuseTalkVideoService(AIService):
-    def __init__(self, *, url: str, avatar_id: str | None = None, fps: int = 25, **kwargs):
+    def __init__(self, *, url: str, avatar_id: str | None = None, fps: int = 25, reconnect_within_s: float = 60.0,
+                 **kwargs):
         """Args:
             url: the MuseTalk front end (http://host:8080).
             avatar_id: a prepared avatar (default: the front end's default avatar).
             fps: the video's frames per second.
+            reconnect_within_s: when the session goes away, how long to try opening a new one
+                before an ErrorFrame says the front end is gone.
         """
         # Pipecat checks at start that every settings field is given (an ERROR log otherwise).
         kwargs.setdefault("settings", ServiceSettings(model="musetalk"))
         super().__init__(**kwargs)
-        self.url, self.avatar_id, self.fps = url, avatar_id, fps
+        self.url, self.avatar_id, self.fps, self.reconnect_within_s = url, avatar_id, fps, reconnect_within_s
+        self._out_rate = 24000  # the pipeline's audio: the speech socket opens at it before the first TTS audio
         self.session: AvatarSession | None = None
         self.viewer = None
         self.speech = None
@@ -60,16 +68,24 @@ class MuseTalkVideoService(AIService):
         self._speaking = False  # between the session's speech_started and speech_finished
 
     # -- lifecycle --------------------------------------------------------------------------
+    async def setup(self, setup):
+        await super().setup(setup)
+        self._out_rate = getattr(setup, "audio_out_sample_rate", None) or self._out_rate
+
     async def start(self, frame: StartFrame):
         await super().start(frame)
         try:
-            self.session = await AvatarSession.open(self.url, self.avatar_id, self.fps)
+            self.session = await AvatarSession.open(self.url, self.avatar_id, self.fps,
+                                                    move_within_s=self.reconnect_within_s)
             self.viewer = await self.session.watch()
         except Exception as error:  # noqa: BLE001 - refused, unreachable, timed out: the pipeline hears why
             await self.push_error(f"MuseTalk: cannot open a session on {self.url}: {error}", exception=error)
             return
         self._tasks = [self.create_task(self._images()), self.create_task(self._audio())]
         self._started = True
+        # The speech socket, open before the first TTS audio (at the pipeline's output rate, which
+        # TTS services produce): the first turn does not wait for its connection.
+        await self._open_speech(self._out_rate)
 
     async def stop(self, frame: EndFrame):
         await super().stop(frame)
@@ -117,17 +133,23 @@ class MuseTalkVideoService(AIService):
             if self.speech is not None:  # another rate: its own socket and segment (the old one ends here)
                 await self._send(self.speech.end_segment())
                 await self.speech.close()
-            try:
-                self.speech = await self.session.speech(frame.sample_rate)
-            except OSError as error:
-                await self.push_error(f"MuseTalk: the speech socket did not open: {error}", exception=error)
+                self.speech = None
+            if not await self._open_speech(frame.sample_rate):
                 return
-            self._speech_rate = frame.sample_rate
-            self._tasks.append(self.create_task(self._events(self.speech)))
         pcm = np.frombuffer(frame.audio, "<i2")
         if frame.num_channels > 1:  # the session takes mono
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype("<i2")
         await self._send(self.speech.send(pcm.tobytes()))
+
+    async def _open_speech(self, rate: int) -> bool:
+        try:
+            self.speech = await self.session.speech(rate)
+        except OSError as error:
+            await self.push_error(f"MuseTalk: the speech socket did not open: {error}", exception=error)
+            return False
+        self._speech_rate = rate
+        self._tasks.append(self.create_task(self._events(self.speech)))
+        return True
 
     async def _send(self, sending) -> None:
         try:
@@ -156,16 +178,39 @@ class MuseTalkVideoService(AIService):
             await self.push_frame(image)
 
     async def _audio(self) -> None:
+        """The session's audio as TTSAudioRawFrames: its speech, whole, and nothing of the idle
+        avatar's silence.
+
+        The session sends no packets through stretches of digital silence (Opus DTX, as WebRTC
+        does): a player fills them with silence on its own. Pipecat's output plays audio frames
+        back to back, so a pause left out would bring the rest of the speech forward, ahead of
+        its images: inside speech, the gaps are filled from the RTP timestamps. The idle
+        silence's sparse packets come out of the receiver's jitter buffer late, after the
+        speech_started event, and the speech's last ones after its speech_finished: speech begins
+        at the first packet that follows the one before it without a gap once speech_started has
+        come, and ends at the first gap once speech_finished has (speech is dense; DTX is not)."""
+        expected = None  # the RTP timestamp the next packet has, if none is left out
+        in_speech = False
         while True:
             received = await self.viewer.audio.get()
             if received.frame is None:
                 return
             samples = received.frame.to_ndarray()  # s16, interleaved stereo from Opus
             mono = samples.reshape(-1, len(received.frame.layout.channels)).mean(axis=1)
-            if not self._speaking and np.abs(mono).max() / 32768 < SILENCE:
-                continue  # the idle avatar's silence: nothing is said (the transport plays silence itself)
-            await self.push_frame(TTSAudioRawFrame(audio=mono.astype("<i2").tobytes(),
-                                                   sample_rate=received.frame.sample_rate, num_channels=1))
+            rate = received.frame.sample_rate
+            gap = (received.rtp_timestamp - expected) & 0xFFFFFFFF if expected is not None else None
+            expected = (received.rtp_timestamp + len(mono)) & 0xFFFFFFFF
+            if self._speaking and not in_speech and gap == 0:
+                in_speech = True
+            elif in_speech and not self._speaking and gap != 0:
+                in_speech = False
+            if not in_speech:
+                if np.abs(mono).max() / 32768 < SILENCE:
+                    continue  # the idle avatar's silence: nothing is said (the transport plays silence itself)
+            elif gap and gap <= MAX_FILLED_S * rate:
+                await self.push_frame(TTSAudioRawFrame(audio=bytes(2 * gap), sample_rate=rate, num_channels=1))
+            await self.push_frame(TTSAudioRawFrame(audio=mono.astype("<i2").tobytes(), sample_rate=rate,
+                                                   num_channels=1))
 
     async def _events(self, speech) -> None:
         while True:
@@ -176,6 +221,12 @@ class MuseTalkVideoService(AIService):
             elif event["type"] == "speech_finished":
                 self._speaking = False
                 await self.push_frame(TTSStoppedFrame())
+            elif event["type"] == "session_moved":  # its replica went away: the avatar goes on from a new one
+                if self._speaking:
+                    self._speaking = False
+                    await self.push_frame(TTSStoppedFrame())
+                logger.info(f"MuseTalk: session {event['from']} went away ({event['why']}); "
+                            f"moved to session {event['to']} in {event['seconds']:.2f} s")
             elif event["type"] == "error":
                 await self.push_error(f"MuseTalk: {event['error']}")
             elif event["type"] == "closed":

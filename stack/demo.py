@@ -40,6 +40,7 @@ BUDGET_MINUTES = 7.0  # of generation: with the server's start, about 10 minutes
 OVERHEAD = 1.1  # audio features, blending and encoding beside the frames themselves
 BATCH_SECONDS = 12.0  # a batch's time on a slow server: the progress bar's step
 DEFAULT_BATCH = 16
+READY_TIMEOUT_S = 600
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             **({"MUSETALK_MAX_REQUEST_SECONDS": "off"} if args.all else {}),
         }).start()
         print(f"front end: {frontend.url} (API docs: {frontend.url}/docs)")
+        # Ready: Triton's models answer, and one frame has been through them (its pace is known).
+        if not frontend.wait_until_ready(READY_TIMEOUT_S):
+            raise SystemExit(f"the front end was not ready within {READY_TIMEOUT_S:.0f} s; see {frontend.log_file}")
         with httpx.Client(base_url=frontend.url, timeout=None) as http:
             step("4/5 prepare the avatar from a photograph")
             prepare_avatar(http)

@@ -1,4 +1,5 @@
-"""The front end as its own process (uvicorn), as users run it beside Triton.
+"""The front end as its own process (python -m frontend: uvicorn, and a drain on SIGTERM), as
+users run it beside Triton.
 
 `make serve` and `make demo` run the service as a user would: tritonserver and
 uvicorn as separate processes, talking over gRPC and HTTP.
@@ -12,8 +13,6 @@ from pathlib import Path
 
 from client.readiness import wait_for
 from triton_local.server import BUILD, ServerError, die_with_parent, http_ok
-
-WS_MAX_SIZE = 2 << 20  # WebSocket messages above 2 MiB (decompressed) are refused by uvicorn itself (1009)
 
 
 class FrontEnd:
@@ -32,8 +31,7 @@ class FrontEnd:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "frontend.app:create_app",
-                 "--host", self.host, "--port", str(self.port), "--ws-max-size", str(WS_MAX_SIZE)],
+                [sys.executable, "-m", "frontend", "--host", self.host, "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent,
             )
         if wait_for(lambda: http_ok(f"{self.url}/healthz"), timeout, 0.2,

@@ -52,6 +52,9 @@ METRICS = {
     "musetalk_admission_in_use": "gauge",
     "musetalk_admission_capacity": "gauge",
     "musetalk_admission_waiting": "gauge",
+    "musetalk_live_slots_in_use": "gauge",
+    "musetalk_session_threads": "gauge",
+    "musetalk_session_viewers_dropped_total": "counter",
 }
 
 
@@ -319,7 +322,7 @@ def mebibytes(size: str) -> float:
 
 
 @pytest.mark.parametrize("name", RENDERS)
-def test_ingress_allows_websockets_uploads_streaming_and_session_affinity(name, monkeypatch):
+def test_ingress_allows_websockets_uploads_streaming_and_routes_sessions_by_id(name, monkeypatch):
     docs = render(name)
     settings = settings_of(docs, monkeypatch)
     (ingress,) = of_kind(docs, "Ingress")
@@ -332,9 +335,11 @@ def test_ingress_allows_websockets_uploads_streaming_and_session_affinity(name, 
     body = mebibytes(notes["proxy-body-size"])
     assert settings.max_upload_mb + 2**-4 <= body <= settings.max_upload_mb + 2
     assert notes["proxy-buffering"] == "off"  # streamed MP4 fragments go out as they come
-    # A session's requests reach the replica that holds it.
-    assert notes["affinity"] == "cookie" and notes["affinity-mode"] == "persistent"
-    assert notes["session-cookie-name"] and notes["session-cookie-path"] == "/"
+    # No cookie affinity: a session's requests reach its replica by its id (the replicas forward them).
+    assert not any(key.startswith(("affinity", "session-cookie")) for key in notes)
+    env = {e["name"]: e for e in frontend_container(docs)["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["MUSETALK_REPLICA_URL"]["value"] == "http://$(POD_IP):8080"
     (rule,) = ingress["spec"]["rules"]
     (path,) = rule["http"]["paths"]
     backend = path["backend"]["service"]
@@ -344,7 +349,7 @@ def test_ingress_allows_websockets_uploads_streaming_and_session_affinity(name, 
 
 
 @pytest.mark.parametrize("name, least", [("base", 2), ("gpu", 3)])
-def test_hpa_scales_the_frontend_on_cpu(name, least):
+def test_hpa_scales_the_frontend_on_cpu_and_session_slots(name, least):
     docs = render(name)
     (hpa,) = of_kind(docs, "HorizontalPodAutoscaler")
     deployment = component(docs, "Deployment", "frontend")
@@ -353,6 +358,10 @@ def test_hpa_scales_the_frontend_on_cpu(name, least):
                                                                         deployment["metadata"]["name"])
     assert hpa["spec"]["minReplicas"] == least < hpa["spec"]["maxReplicas"]
     assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"])
+    # and on live-session slots (conversational sessions and /ws/live), before the cap refuses one
+    (slots,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert slots["metric"]["name"] == "musetalk_live_slots_in_use" and slots["metric"]["name"] in METRICS
+    assert 0 < float(slots["target"]["averageValue"]) < Settings().max_live_sessions
     # The HPA owns the count: a `replicas:` here would reset it on every apply.
     assert "replicas" not in deployment["spec"]
     (pdb,) = of_kind(docs, "PodDisruptionBudget")
@@ -382,8 +391,7 @@ def test_frontend_image_is_non_root_on_8080():
     assert users and users[-1] == "10001:10001"  # runAsUser in deploy/base/frontend.yaml
     assert re.findall(r"^EXPOSE (.+)$", text, re.M) == ["8080"]
     (cmd,) = re.findall(r"^CMD (\[.*\])$", text, re.M)
-    assert json.loads(cmd) == ["uvicorn", "--factory", "frontend.app:create_app", "--host", "0.0.0.0",
-                               "--port", "8080", "--ws-max-size", "2097152"]  # MAX_MESSAGE's 1 MiB, with room
+    assert json.loads(cmd) == ["python", "-m", "frontend", "--host", "0.0.0.0", "--port", "8080"]  # drains on SIGTERM
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert re.search(r"MUSETALK_AVATAR_DIR=/data/avatars", text) and "chown -R 10001:10001 /data" in text
     assert "NUMBA_CACHE_DIR=/tmp/" in text  # librosa's numba cache, under a read-only root
@@ -452,3 +460,44 @@ def test_dashboard_uses_the_metric_contract():
             "nv_inference_compute_infer_duration_us", "nv_inference_request_success",
             "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"} <= used
     assert any(p["type"] == "text" and "bottleneck" in p["options"]["content"] for p in panels)
+
+
+# --- the TURN server (deploy/turn) -----------------------------------------------------------
+TURN = DEPLOY / "turn"
+
+
+@functools.cache
+def render_turn() -> tuple[dict, ...]:
+    result = subprocess.run([kubectl(), "kustomize", str(TURN)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def test_the_turn_server_validates_and_relays_on_the_ports_its_docs_name():
+    docs = render_turn()
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "musetalk"
+    (namespace,) = of_kind(docs, "Namespace")
+    (daemon,) = of_kind(docs, "DaemonSet")
+    assert daemon["metadata"]["namespace"] == namespace["metadata"]["name"] != "musetalk"  # hostNetwork: not there
+    spec = daemon["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    (container,) = spec["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) if "=" in a else (a.removeprefix("--"), True)
+                for a in container["args"])
+    assert args["use-auth-secret"] is True and args["static-auth-secret"] == "$(TURN_SECRET)"
+    assert {(p["containerPort"], p["protocol"]) for p in container["ports"]} == {(3478, "UDP"), (3478, "TCP")}
+    assert int(args["listening-port"]) == 3478
+    # the ports the kustomization tells operators to open are the ones it relays on
+    doc = (TURN / "kustomization.yaml").read_text()
+    assert f"{args['min-port']}-{args['max-port']}/udp" in doc and "3478/udp and 3478/tcp" in doc
+    assert args["denied-peer-ip"] == "0.0.0.0-255.255.255.255" and args["allowed-peer-ip"]  # relays to pods only
+    # its secret is the one the front ends mint credentials from
+    secret = container["env"][0]["valueFrom"]["secretKeyRef"]
+    frontend = {e["name"]: e for e in frontend_container(render("base"))["env"]}
+    assert frontend["MUSETALK_TURN_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == secret["name"]
+    context = {**spec["securityContext"], **container["securityContext"]}
+    assert context["runAsNonRoot"] is True and context["runAsUser"] != 0
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False

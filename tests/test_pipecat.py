@@ -2,7 +2,7 @@
 its pins cannot live beside the service's), against a real front end, the real local Triton and the
 tiny models; and the talk demo (`make talk`) answering its page in headless Chromium.
 
-The pipelines run in tests/pipecat_driver.py with the Pipecat environment's Python; what they
+The pipelines run in benchmarks/pipecat_driver.py with the Pipecat environment's Python; what they
 saw comes back as JSON and is checked here."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from support import BUILD, CHANGED, ROOT, SPEECH, mouth_moves, settled_count, sp
 from triton_local.server import free_port
 
 PIPECAT_PYTHON = ROOT / ".venv-pipecat" / "bin" / "python"
-DRIVER = Path(__file__).with_name("pipecat_driver.py")
+DRIVER = ROOT / "benchmarks" / "pipecat_driver.py"
 FPS = 12  # the tiny models make about 28 frames/s on 2 cores, all told
 
 
@@ -36,7 +36,8 @@ def drive(python: Path, scenario: str, url: str, *extra: str, timeout: float = 3
     out = subprocess.run([str(python), str(DRIVER), scenario, "--url", url, "--speech", str(SPEECH),
                           "--fps", str(FPS), *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]),
+            "logged_errors": [line for line in out.stderr.splitlines() if "| ERROR" in line]}
 
 
 def test_tts_audio_becomes_the_avatar_speaking_it_with_its_audio(pipecat_python, frontend_server):
@@ -44,6 +45,7 @@ def test_tts_audio_becomes_the_avatar_speaking_it_with_its_audio(pipecat_python,
     images, expected = seen["images"], math.floor(speech_seconds() * FPS)
     assert seen["sizes"] == [[512, 512]]  # the avatar's own size
     assert not seen["errors"], seen["errors"]
+    assert not seen["logged_errors"], seen["logged_errors"]  # Pipecat starts it without an ERROR log
     first_face = next(i for i, image in enumerate(images) if image["face"])
     assert first_face > FPS  # idle images before the speech
     faces = [image for image in images if image["face"] and not image["repeat"]]
@@ -54,10 +56,15 @@ def test_tts_audio_becomes_the_avatar_speaking_it_with_its_audio(pipecat_python,
     # the images come at the session's fps, timestamped by its clock
     steps = {round((b["pts"] - a["pts"]) * FPS / 1e9) for a, b in zip(images, images[1:])}
     assert steps == {1}, steps
-    # its speech, as the session played it: every second of it, and the silence of the frames held
-    # while generation caught up (speech video and its audio wait together)
+    # its speech, as the session played it: its pauses too (the session sends no packets through
+    # digital silence; the service fills them), and the silence of the frames held while
+    # generation caught up (speech video and its audio wait together). The margins: the
+    # fixture's last 0.4 s are near-silence, of which what comes out of the receiver's jitter
+    # buffer after the session has gone idle is left to the transport's own silence (measured
+    # 0.0-0.3 s); and up to 0.2 s of the idle avatar's silence (sent before DTX starts) after it.
     held = seen["status"]["frames"]["hold"] / FPS
-    assert speech_seconds() - 0.1 <= seen["audio_seconds"] <= speech_seconds() + held, (seen["audio_seconds"], held)
+    assert speech_seconds() - 0.35 <= seen["audio_seconds"] <= speech_seconds() + held + 0.25, \
+        (seen["audio_seconds"], held)
     # and with its images: the mouth opens as the voice starts (MuseTalk's window hears two
     # frames ahead, and the face fades in over three)
     assert abs(seen["voice_first"] - images[first_face]["t"]) < 0.35, (seen["voice_first"], images[first_face]["t"])
@@ -87,7 +94,9 @@ def test_a_front_end_that_goes_away_is_an_error_frame_not_a_hang(pipecat_python,
                            "MUSETALK_DEFAULT_AVATAR_SOURCE": str(photo)}).start()
     try:
         assert doomed.wait_until_ready(120)
-        seen = drive(pipecat_python, "frontend-gone", doomed.url, "--kill", str(doomed.process.pid))
+        # it tries for 3 s to open a new session, then says the front end is gone
+        seen = drive(pipecat_python, "frontend-gone", doomed.url, "--kill", str(doomed.process.pid),
+                     "--reconnect-within", "3")
     finally:
         doomed.stop()
     assert seen["errors"] and "MuseTalk" in seen["errors"][0], seen["errors"]

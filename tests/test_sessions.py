@@ -334,7 +334,7 @@ def test_viewers_that_leave_and_sessions_that_end_free_everything(frontend_serve
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
     async def scenario():
-        session = await AvatarSession.open(frontend_server.url, fps=SPEAKING_FPS)
+        session = await AvatarSession.open(frontend_server.url, fps=SPEAKING_FPS, follow=False)
         viewer = await session.watch()
         before = triton_executions(triton.grpc_url, "inference_count")["unet"]
         await viewer.video.get()
@@ -467,7 +467,8 @@ def short_lived(frontend_server, triton):
     or speech."""
     server = FrontEnd(triton.grpc_url, free_port(), log_file=BUILD / "frontend-short-lived.log", host="127.0.0.1",
                       env={"MUSETALK_AVATAR_DIR": frontend_server.env["MUSETALK_AVATAR_DIR"],
-                           "MUSETALK_SESSION_IDLE_SECONDS": "2", "MUSETALK_MAX_LIVE_SESSIONS": "2"}).start()
+                           "MUSETALK_SESSION_IDLE_SECONDS": "2", "MUSETALK_MAX_LIVE_SESSIONS": "2",
+                           "MUSETALK_MAX_VIEWERS_PER_SESSION": "2"}).start()
     assert server.wait_until_ready(120), f"never ready; see {server.log_file}"
     yield server
     server.stop()
@@ -505,7 +506,7 @@ def test_no_slot_viewer_or_thread_outlives_its_session(short_lived):
         await session.close()
 
     async def expired():
-        session = await AvatarSession.open(url, fps=SPEAKING_FPS)
+        session = await AvatarSession.open(url, fps=SPEAKING_FPS, follow=False)
         viewer = await session.watch()
         await viewer.video.get()
         await viewer.pc.close()  # gone without a word; then nobody watches or speaks for 2 s
@@ -532,3 +533,45 @@ def test_no_slot_viewer_or_thread_outlives_its_session(short_lived):
         run(ending())
         assert nothing_held(url) == dict.fromkeys(held(url), 0.0), ending.__name__
     assert httpx.post(f"{url}/sessions", json={"fps": 10}).status_code == 201  # and the slots are free
+
+
+def test_viewers_beyond_the_limit_are_refused_with_429(short_lived):
+    async def scenario():
+        async with await AvatarSession.open(short_lived.url, fps=10) as session:
+            viewers = [await session.watch() for _ in range(2)]
+            try:
+                await session.watch()
+            except Exception as error:  # noqa: BLE001 - the SDK's SessionError
+                refused = error
+            await viewers[0].close()
+            third = await session.watch()  # a place is free again
+            return refused, await asyncio.wait_for(third.video.get(), 20)
+
+    refused, frame = run(scenario())
+    assert getattr(refused, "status", None) == 429 and "viewers" in str(refused)
+    assert frame.frame is not None
+
+
+def test_a_viewer_that_cannot_keep_up_is_let_go_not_buffered():
+    """Its sender takes no packet: the oldest are dropped (memory stays bounded) and, once a second
+    of video is lost, the viewer is let go (its player reconnects) rather than fed a broken picture."""
+    from types import SimpleNamespace
+
+    from frontend.sessions.viewers import DROPPED_SECONDS, QUEUE_SECONDS, Viewer
+    from frontend.video.rtc import EncodedFrame
+
+    async def scenario():
+        gone = asyncio.Event()
+        viewer = Viewer(SimpleNamespace(id="slow"), "H264", 10, asyncio.get_running_loop(), audio=False)
+
+        async def on_gone(_):
+            gone.set()
+
+        viewer.on_gone = on_gone
+        for n in range(int((QUEUE_SECONDS + DROPPED_SECONDS) * 10) + 1):
+            viewer._push([("video", n, {"H264": EncodedFrame(b"\0" * 100, n == 0)})])
+        await asyncio.wait_for(gone.wait(), 1)
+        return viewer.video.queue.qsize(), viewer.video.dropped
+
+    held, dropped = run(scenario())
+    assert held == QUEUE_SECONDS * 10 and dropped >= DROPPED_SECONDS * 10

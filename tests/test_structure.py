@@ -24,7 +24,7 @@ ALLOWED = {
     "frontend": {"contract", "client"},
     "musetalk_pipecat": {"contract", "client"},
     "stack": {"contract", "client", "export", "triton_local"},
-    "benchmarks": {"contract", "client", "export", "triton_local", "frontend", "stack"},
+    "benchmarks": {"contract", "client", "export", "triton_local", "frontend", "stack", "musetalk_pipecat"},
 }
 HEAVY = ("torch", "onnx", "onnxruntime", "openvino", "transformers", "diffusers", "export", "triton_local")
 

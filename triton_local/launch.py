@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from contract import cpu, specs
+from contract import specs
 from triton_local.repository import generate
 from triton_local.runtimes import choose, describe
 from triton_local.server import BUILD, LocalTriton, Ports
@@ -23,7 +23,7 @@ def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / 
           progress: bool = True) -> LocalTriton:
     choices = choose(onnx_repository)
     generate(target, onnx_repository, {name: choice.runtime for name, choice in choices.items()})
-    print(f"local repository {target} on {cpu.describe()}:\n  {describe(choices)}", flush=True)
+    print(f"local repository {target} {describe(choices)}", flush=True)
     server = LocalTriton(target, ports)
     started = time.perf_counter()
     with tqdm(total=len(specs.MODELS), desc="tritonserver: models ready", unit="model",

@@ -85,5 +85,8 @@ def _gate(path: Path) -> tuple[bool, str] | None:
 
 
 def describe(choices: dict[str, Choice]) -> str:
-    """"unet: fp32 (bf16 gated but this CPU has no native bf16), ...": the startup line's detail."""
-    return "; ".join(f"{name}: {choice.why}" for name, choice in choices.items())
+    """The startup lines: the CPU, and per model what runs and why ("unet: fp32 (bf16 gated but
+    this CPU has no native bf16)")."""
+    told = os.environ.get(cpu.OVERRIDE)
+    machine = cpu.describe() + (f", taken to do only {told} ({cpu.OVERRIDE})" if told else "")
+    return "\n".join([f"on {machine}:", *(f"  {name}: {choice.why}" for name, choice in choices.items())])

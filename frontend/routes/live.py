@@ -23,7 +23,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from frontend import metrics
 from frontend.errors import refuse_websocket
-from frontend.exceptions import LiveIdle
+from frontend.exceptions import Draining, LiveIdle
 from frontend.generation.live import LiveOptions, LiveSession
 from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services
@@ -46,6 +46,8 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
         fps = int_parameter("fps", fps, 1, 60)
         sample_rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
         avatar = s.avatar(avatar_id)
+        if s.sessions.draining:
+            raise Draining("this replica is shutting down; connect again (another replica takes it)")
         s.live_slots.take()
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
         await refuse_websocket(websocket, error)

@@ -12,6 +12,8 @@ the speech a voice agent sends it, segment by segment, interrupted at once.
                           ends a segment (an utterance); {"type": "interrupt"} is barge-in
         server -> client: {"type": "speech_started", "segment"} when its first frame leaves;
                           {"type": "speech_finished", "segment", "played_seconds", "interrupted"};
+                          {"type": "going_away", "seconds_left"} when the replica shuts down (open a
+                          new session and move there); the socket closes with 1001 when it does;
                           {"type": "progress", "segment", "played_seconds", "queued_seconds",
                           "behind_seconds"} twice a second while speech plays; in order, each when
                           it happens (a segment's speech_started always before its speech_finished)
@@ -36,6 +38,7 @@ from frontend.sessions.session import Session
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 MAX_OFFER_BYTES = 64 * 1024
+SPEAKER_HANDOVER_S = 1.0  # how long a new speech socket waits for the one before it to be gone
 
 
 class NewSession(BaseModel):
@@ -60,7 +63,7 @@ def create_session(request: NewSession, s: Services = Depends(services)):
     avatar = s.avatar(request.avatar_id)
     chosen = request.model_dump(include=request.model_fields_set & {"transition_frames", "silence_dbfs"})
     session = s.sessions.create(avatar, s.session_options(request.fps, **chosen))
-    body = {**describe(session), "ice_servers": s.settings.ice_servers, "synthetic_weights": s.synthetic_weights()}
+    body = {**describe(session), "ice_servers": session.ice_servers, "synthetic_weights": s.synthetic_weights()}
     return JSONResponse(body, status_code=201, headers={"Location": f"/sessions/{session.id}"})
 
 
@@ -93,10 +96,18 @@ async def watch(session_id: str, request: Request, s: Services = Depends(service
     if len(offer) > MAX_OFFER_BYTES:
         raise OfferError(f"the SDP offer is over {MAX_OFFER_BYTES // 1024} kB")
     viewer = await s.sessions.watch(session_id, offer.decode("utf-8", "replace"))
-    links = [f'<{url}>; rel="ice-server"' for server in s.settings.ice_servers
+    links = [ice_link(url, server) for server in viewer.session.ice_servers
              for url in ([server["urls"]] if isinstance(server["urls"], str) else server["urls"])]
     headers = {"Location": f"/sessions/{session_id}/whep/{viewer.id}", **({"Link": ", ".join(links)} if links else {})}
     return Response(viewer.pc.localDescription.sdp, status_code=201, media_type="application/sdp", headers=headers)
+
+
+def ice_link(url: str, server: dict) -> str:
+    """A WHEP Link header's ICE server: its URL, and its credentials where it has some."""
+    link = f'<{url}>; rel="ice-server"'
+    if server.get("username"):
+        link += f'; username="{server["username"]}"; credential="{server["credential"]}"; credential-type="password"'
+    return link
 
 
 @router.delete("/{session_id}/whep/{viewer_id}")
@@ -112,6 +123,12 @@ async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "1600
     try:
         rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
         session = s.sessions.get(session_id)
+        # A client that closes its socket and opens another at once (a new sample rate) may come
+        # back before the old one's end has run here: it gets a moment, not a refusal.
+        for _ in range(round(SPEAKER_HANDOVER_S / 0.02)):
+            if session.speaker is None:
+                break
+            await asyncio.sleep(0.02)
         if session.speaker is not None:
             raise SpeechSocketBusy("this session already has a speech socket; close it first")
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
@@ -151,8 +168,10 @@ async def _send_events(websocket: WebSocket, events: asyncio.Queue) -> None:
         at, event = await events.get()
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         await websocket.send_json(event)
-        if event["type"] == "session_ended":
-            await websocket.close(code=1000, reason="the session ended")
+        if event["type"] == "session_ended":  # 1001 (going away) when the replica shut down
+            draining = event.get("reason") == "draining"
+            await websocket.close(code=1001 if draining else 1000,
+                                  reason="this replica shut down" if draining else f"the session {event['reason']}")
             return
         if event["type"] == "error" and event.get("status") == 413:  # a segment over the limit, as /ws/live
             await websocket.close(code=4413, reason=event["error"][:120])

@@ -31,7 +31,7 @@ from client.errors import TritonClientError
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
 from frontend.errors import status_of
-from frontend.exceptions import SegmentTooLong, SessionNotFound
+from frontend.exceptions import SegmentTooLong, SessionNotFound, TooManyViewers
 from frontend.generation.core import Composer, Report
 from frontend.sessions.idle import IdleCycles
 from frontend.sessions.media import MediaOut
@@ -102,8 +102,12 @@ class Session:
     """`speak`, `segment_end`, `interrupt`, the viewer and listener methods and `close` may be
     called from any thread; everything else runs on the session's own thread."""
 
-    def __init__(self, session_id: str, avatar: Avatar, client, options: SessionOptions, idle_cycles: IdleCycles):
+    def __init__(self, session_id: str, avatar: Avatar, client, options: SessionOptions, idle_cycles: IdleCycles,
+                 ice_servers: list[dict] | None = None, max_viewers: int = 8):
         self.id, self.avatar, self.client, self.options = session_id, avatar, client, options
+        self.ice_servers = ice_servers or []  # its peers' (ours and its viewers'): static, and TURN minted for it
+        self.max_viewers = max_viewers
+        self.end_reason = "ended"
         self.fps = options.fps
         self.clock = Clock(self.fps)
         self.timeline = Timeline(self.fps, options.transition_frames, options.start_lead_seconds)
@@ -139,11 +143,19 @@ class Session:
     def interrupt(self) -> None:
         self.inbox.put((INTERRUPT, time.monotonic()))
 
-    def close(self) -> None:
-        """End the session: no viewer joins any more; its thread stops at its next look at the inbox."""
+    def close(self, reason: str = "ended") -> None:
+        """End the session: no viewer joins any more; its thread stops at its next look at the inbox.
+        Its speech socket hears `reason` ("ended", "expired", "draining")."""
         with self._lock:
             self._closing = True
+            self.end_reason = reason
         self.inbox.put(CLOSE)
+
+    def going_away(self, seconds: float) -> None:
+        """The replica is shutting down: the speech socket hears it, with the seconds left."""
+        self._emit({"type": "going_away", "seconds_left": round(seconds, 1),
+                    "reason": "this replica is shutting down: open a new session and move there"},
+                   time.monotonic())
 
     def add_viewer(self, viewer_id: str, viewer) -> None:
         """Feed `viewer` from the next tick; SessionNotFound once the session is ending (a viewer
@@ -151,6 +163,9 @@ class Session:
         with self._lock:
             if self._closing or self.closed.is_set():
                 raise SessionNotFound(f"session {self.id!r} has ended")
+            if len(self._viewers) >= self.max_viewers:
+                raise TooManyViewers(f"session {self.id!r} has its {self.max_viewers} viewers "
+                                     "(MUSETALK_MAX_VIEWERS_PER_SESSION)")
             self._viewers[viewer_id] = viewer
         metrics.SESSION_VIEWERS.inc()
         self.media.want_keyframe(viewer.codec)
@@ -256,7 +271,7 @@ class Session:
         self.media.close()
         for viewer in self.viewers:
             viewer.end()
-        self._emit({"type": "session_ended", "id": self.id}, time.monotonic())
+        self._emit({"type": "session_ended", "id": self.id, "reason": self.end_reason}, time.monotonic())
         memory.release()
         self.closed.set()
         metrics.SESSION_THREADS.dec()

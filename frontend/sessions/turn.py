@@ -30,3 +30,16 @@ def credentials(secret: str, urls: list[str], ttl_s: float, name: str, now: floa
     digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
     return {"urls": list(urls), "username": username, "credential": base64.b64encode(digest).decode(),
             "credentialType": "password"}
+
+
+class IceServers:
+    """The ICE servers of a session's peer connections (ours and its viewers'): the static ones
+    (MUSETALK_ICE_SERVERS: STUN), and TURN credentials minted for that session."""
+
+    def __init__(self, static: list[dict], turn_urls: list[str], secret: str | None, ttl_s: float):
+        self.static, self.turn_urls, self.secret, self.ttl_s = static, turn_urls, secret, ttl_s
+
+    def for_session(self, name: str) -> list[dict]:
+        if not (self.turn_urls and self.secret):
+            return list(self.static)
+        return [*self.static, credentials(self.secret, self.turn_urls, self.ttl_s, name)]

@@ -23,12 +23,14 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from frontend import metrics
 from frontend.exceptions import OfferError
 from frontend.video.rtc import AUDIO_RATE, VIDEO_CODECS, EncodedFrame
 
 log = logging.getLogger("musetalk.frontend")
 
 QUEUE_SECONDS = 2.0  # packets a viewer may fall behind by before its oldest are dropped
+DROPPED_SECONDS = 1.0  # a viewer that lost this much video for falling behind is dropped: it cannot keep up
 
 
 class PacketTrack(MediaStreamTrack):
@@ -69,7 +71,9 @@ class Viewer:
         self.video = PacketTrack("video", Fraction(1, fps), round(QUEUE_SECONDS * fps))
         self.audio = PacketTrack("audio", Fraction(1, AUDIO_RATE), round(QUEUE_SECONDS * 50)) if audio else None
         self.pc: RTCPeerConnection | None = None
+        self.on_gone = None  # async callable(viewer): the session lets it go
         self._waiting_for_keyframe = True
+        self._dropping = False
 
     def publish(self, packets: list[tuple]) -> None:
         """Packets that are due now (from the session's thread): ("video", n, {codec: frame}),
@@ -87,6 +91,15 @@ class Viewer:
                 continue  # a decoder starts at a keyframe: the session sends one for a new viewer
             self._waiting_for_keyframe = False
             self.video.push((pts, video.data))
+        if self.video.dropped >= DROPPED_SECONDS / self.video.time_base and not self._dropping:
+            # Its sender has not taken its packets for QUEUE_SECONDS and more: a viewer that
+            # cannot keep up is let go (its player reconnects) rather than fed a broken picture.
+            self._dropping = True
+            log.warning("viewer %s of session %s cannot keep up (%d frames dropped): dropped",
+                        self.id, self.session.id, self.video.dropped)
+            metrics.SESSION_VIEWERS_DROPPED.inc()
+            if self.on_gone is not None:
+                asyncio.ensure_future(self.on_gone(self))
 
     def end(self) -> None:
         """The session ended: the tracks stop, and with them the senders."""
@@ -153,6 +166,7 @@ async def connect(session, offer_sdp: str, ice_servers: list[dict], on_gone) -> 
         if pc.connectionState in ("failed", "closed"):
             await on_gone(viewer)
 
+    viewer.on_gone = on_gone
     try:
         session.add_viewer(viewer.id, viewer)  # refused if the session ended meanwhile
     except BaseException:

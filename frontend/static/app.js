@@ -5,6 +5,8 @@
 const $ = (id) => document.getElementById(id);
 const video = $("video");
 const RATE = 16000; // the PCM the page sends
+// ?ice=relay: media through the session's TURN relay only (checks a TURN setup from any network).
+const ICE_POLICY = new URLSearchParams(location.search).get("ice") === "relay" ? "relay" : "all";
 
 // What the page sees, for people (the stats) and for the browser tests (window.musetalk).
 const state = (window.musetalk = {
@@ -36,7 +38,8 @@ async function openSession() {
     body: JSON.stringify({ avatar_id: $("avatar").value || null, fps: Number($("fps").value) }),
   }));
   state.session = session;
-  pc = new RTCPeerConnection({ iceServers: session.ice_servers });
+  pc = new RTCPeerConnection({ iceServers: session.ice_servers, iceTransportPolicy: ICE_POLICY });
+  state.pc = pc; // for the stats of the connection (which candidates carry it)
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addTransceiver("audio", { direction: "recvonly" });
   const stream = new MediaStream();
@@ -130,6 +133,9 @@ function onEvent(event) {
     $("behind").textContent = event.behind_seconds ? `${event.behind_seconds} s` : "-";
   } else if (event.type === "error") {
     setStatus(event.error, true);
+  } else if (event.type === "going_away") { // the replica shuts down: a new session, on another one
+    setStatus("the server is moving this session...");
+    openSession().catch((e) => setStatus(e.message, true));
   }
 }
 

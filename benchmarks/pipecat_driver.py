@@ -1,14 +1,17 @@
 """Runs MuseTalkVideoService in a real Pipecat pipeline and reports what came out, as JSON.
 
-Run by tests/test_pipecat.py with the Pipecat environment's Python (.venv-pipecat: Pipecat's
-pins cannot live beside the service's), against a real front end and the real local Triton:
+Run with the Pipecat environment's Python (.venv-pipecat: Pipecat's pins cannot live beside the
+service's), against a real front end and a real Triton, by tests/test_pipecat.py and
+benchmarks/deployment.py:
 
-    python tests/pipecat_driver.py speak --url http://127.0.0.1:8080 --speech speech.flac
+    .venv-pipecat/bin/python benchmarks/pipecat_driver.py speak --url http://127.0.0.1:8080 --speech speech.flac
 
     a source  ->  MuseTalkVideoService  ->  a collector (what the output transport would get)
 
 Scenarios: `speak` (idle, then a TTS turn, then idle), `interrupt` (an InterruptionFrame in the
-middle of a long turn), `frontend-gone` (the front end is killed mid-turn: --kill PID).
+middle of a long turn), `frontend-gone` (the front end is killed mid-turn: --kill PID), `turns`
+(--turns TTS turns, each timed from its first audio frame queued to the first generated face
+pushed downstream, then one interrupted: the agent path's figures).
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def changed(a: np.ndarray, b: np.ndarray, block: int = 16) -> float:
 
 
 async def run(args) -> dict:
-    service = MuseTalkVideoService(url=args.url, fps=args.fps)
+    service = MuseTalkVideoService(url=args.url, fps=args.fps, reconnect_within_s=args.reconnect_within)
     upstream, downstream = Recorder(FrameDirection.UPSTREAM), Recorder(FrameDirection.DOWNSTREAM)
     worker = PipelineWorker(Pipeline([upstream, service, downstream]), idle_timeout_secs=None,
                             cancel_on_idle_timeout=False)
@@ -97,6 +100,11 @@ async def run(args) -> dict:
     await asyncio.wait_for(started.wait(), 60)
     await asyncio.sleep(2.0)  # idle
     report: dict = {"session": service.session.id if service.session else None}
+    if args.scenario == "turns":
+        report.update(await turns(worker, downstream, args))
+        await worker.queue_frame(EndFrame())
+        await asyncio.wait_for(running, 60)
+        return report
     turn, seconds = tts_frames(args.speech, 3 if args.scenario == "interrupt" else 1)
     report["speech_seconds"] = seconds
     sent = time.monotonic()
@@ -123,6 +131,45 @@ async def run(args) -> dict:
     await asyncio.wait_for(running, 60)
     report["ended_in"] = time.monotonic() - ending
     return {**report, **describe(downstream.frames, upstream.frames, sent)}
+
+
+async def turns(worker, downstream, args) -> dict:
+    """Each turn: its frames queued at once (as a TTS makes them), then the time until the first
+    generated face leaves the service; the last turn is interrupted while it speaks, timed to the
+    last generated face after the InterruptionFrame."""
+    turn, seconds = tts_frames(args.speech)
+    idle = None
+    starts, interrupts = [], []
+    for n in range(args.turns + 1):
+        while idle is None:
+            idle = next((luma(f) for _, f in downstream.frames if isinstance(f, OutputImageRawFrame)), None)
+            await asyncio.sleep(0.05)
+        mark = len(downstream.frames)
+        queued = time.monotonic()
+        for frame in (turn if n < args.turns else tts_frames(args.speech, 3)[0]):
+            await worker.queue_frame(frame)
+
+        def first_face(mark=mark, idle=idle):
+            return next((t for t, f in downstream.frames[mark:] if isinstance(f, OutputImageRawFrame)
+                         and changed(luma(f), idle) > 12), None)
+
+        def stopped(mark=mark):
+            return any(isinstance(f, TTSStoppedFrame) for _, f in downstream.frames[mark:])
+
+        await wait_for(lambda: first_face() is not None, 60)
+        if n < args.turns:
+            starts.append(first_face() - queued)
+            await wait_for(stopped, seconds + 60)
+            await asyncio.sleep(1.0)
+            continue
+        await asyncio.sleep(0.8)
+        cut = time.monotonic()
+        await worker.queue_frame(InterruptionFrame())
+        await asyncio.sleep(1.5)
+        faces = [t for t, f in downstream.frames[mark:] if isinstance(f, OutputImageRawFrame)
+                 and changed(luma(f), idle) > 12]
+        interrupts.append(max(faces) - cut if faces else 0.0)
+    return {"speech_start": starts, "interrupt_to_last_face": interrupts}
 
 
 async def wait_for(condition, timeout: float) -> None:
@@ -159,11 +206,14 @@ def describe(down: list, up: list, sent: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["speak", "interrupt", "frontend-gone"])
+    p.add_argument("scenario", choices=["speak", "interrupt", "frontend-gone", "turns"])
     p.add_argument("--url", required=True)
     p.add_argument("--speech", required=True)
     p.add_argument("--fps", type=int, default=12)
     p.add_argument("--kill", type=int, help="the front end's pid (frontend-gone)")
+    p.add_argument("--turns", type=int, default=8, help="turns timed (turns)")
+    p.add_argument("--reconnect-within", type=float, default=60.0,
+                   help="how long the service tries to move to a new session when its own goes away")
     args = p.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 
