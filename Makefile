@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # Real checkpoints when models/ holds them, otherwise full-size random weights (said loudly).
 WEIGHTS := $(if $(wildcard models/musetalkV15/unet.pth),--weights models,--synthetic)
 
-.PHONY: demo test lint debian-packages env triton-env pipecat-env export triton serve talk bench perf lint-docker clean
+.PHONY: demo test lint docs docs-serve debian-packages env triton-env pipecat-env export triton serve talk bench perf lint-docker clean
 
 demo: env triton-env
 	$(PY) -m stack.demo --profile $(PROFILE)
@@ -22,6 +22,13 @@ test: env triton-env pipecat-env debian-packages lint
 
 lint: env
 	$(VENV)/bin/ruff check .
+
+# The documentation site (docs/, mkdocs.yml): built offline with --strict into build/site.
+docs: env
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: env
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8088
 
 # The tests use real parts from Debian: chromium (the page tests; Playwright's own download is not
 # reachable everywhere), coturn (a TURN relay) and nginx (a load balancer before two replicas).

@@ -68,6 +68,7 @@ class Watch:
     def __init__(self, viewer, keep_video: bool = True):
         self.viewer, self.keep_video = viewer, keep_video
         self.video: list[tuple[np.ndarray | None, float]] = []
+        self.decoded: list[float] = []  # when each video frame came out of the receiver's jitter buffer, decoded
         self.audio: list[tuple[np.ndarray, float]] = []
         self.tasks = [asyncio.ensure_future(self._video()), asyncio.ensure_future(self._audio())]
 
@@ -75,6 +76,7 @@ class Watch:
         while (received := await self.viewer.video.get()).frame is not None:
             picture = received.frame.to_ndarray(format="gray") if self.keep_video else None
             self.video.append((picture, received.arrived))
+            self.decoded.append(time.monotonic())
 
     async def _audio(self):
         while (received := await self.viewer.audio.get()).frame is not None:
@@ -94,9 +96,10 @@ class Watch:
         """Frames between the first and the last of `frames` that show the avatar's own face."""
         return [i for i in range(frames[0][0], frames[-1][0]) if blocks_changed(self.video[i][0], idle) <= 12]
 
-    def first_speech_frame(self, idle: np.ndarray, since: float) -> float | None:
-        return next((at for picture, at in self.video if at >= since and blocks_changed(picture, idle) > SPEECH_CHANGE),
-                    None)
+    def first_speech_frame(self, idle: np.ndarray, since: float, decoded: bool = False) -> float | None:
+        """When the first speech frame since `since` arrived (its first RTP packet), or was decoded."""
+        return next(((self.decoded[i] if decoded else at) for i, (picture, at) in enumerate(self.video)
+                     if at >= since and blocks_changed(picture, idle) > SPEECH_CHANGE), None)
 
     def first_idle_frame(self, idle: np.ndarray, since: float) -> float | None:
         return next((at for picture, at in self.video if at >= since and blocks_changed(picture, idle) <= 8), None)

@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import soundfile
 
-from benchmarks.conversation import SPEECH, Watch, opened, percentiles, send, speech_pcm
+from benchmarks.conversation import Watch, opened, percentiles, send, speech_pcm
 from benchmarks.provenance import invocation, machine
 from client.sessions import AvatarSession
 from stack.balancer import LocalBalancer
@@ -96,33 +98,41 @@ class Stack:
 # -- 1. through the relay ----------------------------------------------------------------------
 async def speech_start(url: str, segments: int, relay_only: bool) -> dict:
     session, watch, speech = await opened(url, FPS, relay_only=relay_only)
-    pcm, latencies = speech_pcm(2.0), []
+    pcm, latencies, decoded = speech_pcm(2.0), [], []
     try:
         idle = watch.idle_picture()
         for _ in range(segments):
             sent = await send(speech, pcm, realtime=False)
             await speech.event("speech_finished")
             latencies.append((watch.first_speech_frame(idle, sent) or sent) - sent)
+            decoded.append((watch.first_speech_frame(idle, sent, decoded=True) or sent) - sent)
             await asyncio.sleep(1.0)
     finally:
         watch.stop()
         await session.close()
     return {"path": "TURN relay only (coturn)" if relay_only else "loopback (host candidates)",
-            **percentiles(latencies)}
+            **percentiles(latencies), "decoded": percentiles(decoded)}
 
 
 # -- 2. the agent path -----------------------------------------------------------------------
 def agent_path(url: str, turns: int) -> dict:
+    """The Pipecat service's turns, speaking exactly what the direct session speaks (the same
+    2 s of trimmed speech: a softer onset would show the first face later, and say nothing of
+    the path)."""
     if not PIPECAT_PYTHON.exists():
         return {"error": "no Pipecat environment: make pipecat-env"}
-    out = subprocess.run([str(PIPECAT_PYTHON), str(DRIVER), "turns", "--url", url, "--speech", str(SPEECH),
-                          "--fps", str(FPS), "--turns", str(turns)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=900)
+    speech = BUILD / "deployment" / "speech_2s.wav"
+    speech.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(speech), np.frombuffer(speech_pcm(2.0), "<i2"), 16000)
+    out = subprocess.run([str(PIPECAT_PYTHON), str(DRIVER), "turns", "--url", url, "--speech", str(speech),
+                          "--fps", str(FPS), "--turns", str(turns), "--interrupts", str(max(3, turns // 2))],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
     if out.returncode:
         return {"error": out.stderr[-2000:]}
     report = json.loads(out.stdout.strip().splitlines()[-1])
     return {"speech_start": percentiles(report["speech_start"]),
             "interrupt_to_last_face": percentiles(report["interrupt_to_last_face"]),
+            **{stage: percentiles(report[stage]) for stage in ("pcm_sent", "face_arrived", "face_decoded")},
             "turns": len(report["speech_start"])}
 
 
@@ -183,12 +193,17 @@ async def triton_restart(stack: Stack) -> dict:
         killed = time.monotonic()
         await asyncio.to_thread(stack.triton.stop)
         error = await speech.event("error", timeout=30)
+        await speech.event("speech_finished", timeout=30)  # the segment in flight, ended
         await asyncio.to_thread(stack.triton.start, 300)
         back = time.monotonic()
         while httpx.get(f"{stack.replicas[0].url}/readyz").status_code != 200:
             await asyncio.sleep(0.05)
         ready = time.monotonic()
+        while not speech.events.empty():  # what the failed segment said: not this one's
+            speech.events.get_nowait()
         sent = await send(speech, speech_pcm(2.0), realtime=False)
+        started = await speech.event("speech_started", timeout=60)
+        assert started["type"] == "speech_started", started
         await speech.event("speech_finished", timeout=60)
         first = watch.first_speech_frame(idle, sent)
     finally:
@@ -244,6 +259,9 @@ def write(args, argv, r: dict) -> None:
              "| path | segments | p50 ms | p95 ms | max ms |", "|---|---|---|---|---|"]
     lines += [f"| {s['path']} | {s['count']} | {s.get('p50_ms')} | {s.get('p95_ms')} | {s.get('max_ms')} |"
               for s in rows]
+    lines += ["", "The same frames, when they came out of the receiver decoded (its jitter buffer holds a frame): "
+              + "; ".join(f"{s['path']} p50 {s['decoded'].get('p50_ms')} ms, p95 {s['decoded'].get('p95_ms')} ms"
+                          for s in rows) + "."]
     lines += ["", "## The agent path (Pipecat) beside the direct session", ""]
     if "error" in agent:
         lines += [f"Pipecat path not measured: {agent['error']}"]
@@ -254,7 +272,15 @@ def write(args, argv, r: dict) -> None:
                   f"| direct session (PCM -> first speech frame at a receiver; interrupt -> own face) | "
                   f"{d.get('p50_ms')} / {d.get('p95_ms')} | {di.get('p50_ms')} / {di.get('p95_ms')} |",
                   f"| Pipecat service (TTS audio queued -> first face pushed; interruption -> last face) | "
-                  f"{a.get('p50_ms')} / {a.get('p95_ms')} | {ai.get('p50_ms')} / {ai.get('p95_ms')} |"]
+                  f"{a.get('p50_ms')} / {a.get('p95_ms')} | {ai.get('p50_ms')} / {ai.get('p95_ms')} |",
+                  "", "Where the agent path's time goes, p50 / p95 ms after the turn's first TTS frame was queued: "
+                  "its first PCM on the speech socket "
+                  f"{agent['pcm_sent'].get('p50_ms')} / {agent['pcm_sent'].get('p95_ms')}; the first face's first "
+                  f"packet at the service's receiver {agent['face_arrived'].get('p50_ms')} / "
+                  f"{agent['face_arrived'].get('p95_ms')}; that face decoded and taken by the service "
+                  f"{agent['face_decoded'].get('p50_ms')} / {agent['face_decoded'].get('p95_ms')}; pushed "
+                  f"downstream {a.get('p50_ms')} / {a.get('p95_ms')}. The direct session's first speech frame, "
+                  f"decoded at its receiver: {d['decoded'].get('p50_ms')} / {d['decoded'].get('p95_ms')}."]
     dr, tr = r["drain"], r["triton_restart"]
     lines += ["", "## A replica drained (SIGTERM)", "",
               "| going_away after | session_moved after | the move itself | longest gap in the frames | "

@@ -101,7 +101,7 @@ async def run(args) -> dict:
     await asyncio.sleep(2.0)  # idle
     report: dict = {"session": service.session.id if service.session else None}
     if args.scenario == "turns":
-        report.update(await turns(worker, downstream, args))
+        report.update(await turns(worker, downstream, args, service))
         await worker.queue_frame(EndFrame())
         await asyncio.wait_for(running, 60)
         return report
@@ -133,20 +133,38 @@ async def run(args) -> dict:
     return {**report, **describe(downstream.frames, upstream.frames, sent)}
 
 
-async def turns(worker, downstream, args) -> dict:
+async def turns(worker, downstream, args, service) -> dict:
     """Each turn: its frames queued at once (as a TTS makes them), then the time until the first
-    generated face leaves the service; the last turn is interrupted while it speaks, timed to the
-    last generated face after the InterruptionFrame."""
+    generated face leaves the service, and where that time went (the first PCM on the speech
+    socket; the first face's first RTP packet at the service's receiver; the face decoded and
+    taken by the service); the last turns are interrupted while they speak, timed to the last
+    generated face after the InterruptionFrame."""
     turn, seconds = tts_frames(args.speech)
     idle = None
     starts, interrupts = [], []
-    for n in range(args.turns + 1):
+    stages = {"pcm_sent": [], "face_arrived": [], "face_decoded": []}
+    sends, taken = [], []  # when the service sent on its speech socket; (arrived, taken, frame) it received
+    send, queue = service._send, service.viewer.video
+
+    async def noted_send(sending):
+        sends.append(time.monotonic())
+        await send(sending)
+
+    get = queue.get
+
+    async def noted_get():
+        received = await get()
+        taken.append((received.arrived, time.monotonic(), received.frame))
+        return received
+
+    service._send, queue.get = noted_send, noted_get
+    for n in range(args.turns + args.interrupts):
         while idle is None:
             idle = next((luma(f) for _, f in downstream.frames if isinstance(f, OutputImageRawFrame)), None)
             await asyncio.sleep(0.05)
-        mark = len(downstream.frames)
+        mark, sent_mark, taken_mark = len(downstream.frames), len(sends), len(taken)
         queued = time.monotonic()
-        for frame in (turn if n < args.turns else tts_frames(args.speech, 3)[0]):
+        for frame in (turn if n < args.turns else tts_frames(args.speech, 3)[0]):  # interrupted: a long turn
             await worker.queue_frame(frame)
 
         def first_face(mark=mark, idle=idle):
@@ -159,6 +177,11 @@ async def turns(worker, downstream, args) -> dict:
         await wait_for(lambda: first_face() is not None, 60)
         if n < args.turns:
             starts.append(first_face() - queued)
+            face = next((a, t) for a, t, frame in taken[taken_mark:] if frame is not None
+                        and changed(frame.to_ndarray(format="gray").astype(np.float32), idle) > 12)
+            stages["pcm_sent"].append(sends[sent_mark] - queued)
+            stages["face_arrived"].append(face[0] - queued)
+            stages["face_decoded"].append(face[1] - queued)
             await wait_for(stopped, seconds + 60)
             await asyncio.sleep(1.0)
             continue
@@ -168,8 +191,9 @@ async def turns(worker, downstream, args) -> dict:
         await asyncio.sleep(1.5)
         faces = [t for t, f in downstream.frames[mark:] if isinstance(f, OutputImageRawFrame)
                  and changed(luma(f), idle) > 12]
-        interrupts.append(max(faces) - cut if faces else 0.0)
-    return {"speech_start": starts, "interrupt_to_last_face": interrupts}
+        interrupts.append(max([t - cut for t in faces if t >= cut], default=0.0))
+        await asyncio.sleep(1.0)
+    return {"speech_start": starts, "interrupt_to_last_face": interrupts, **stages}
 
 
 async def wait_for(condition, timeout: float) -> None:
@@ -212,6 +236,7 @@ def main() -> None:
     p.add_argument("--fps", type=int, default=12)
     p.add_argument("--kill", type=int, help="the front end's pid (frontend-gone)")
     p.add_argument("--turns", type=int, default=8, help="turns timed (turns)")
+    p.add_argument("--interrupts", type=int, default=1, help="turns interrupted, after those (turns)")
     p.add_argument("--reconnect-within", type=float, default=60.0,
                    help="how long the service tries to move to a new session when its own goes away")
     args = p.parse_args()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# MuseTalk's constants (docs/musetalk.md says where each comes from).
+# MuseTalk's constants (docs/design/musetalk.md says where each comes from).
 SAMPLE_RATE = 16_000
 MEL_BINS = 80
 MEL_FRAMES = 3000  # 30 s of audio at a 160-sample hop

@@ -1,6 +1,6 @@
 """Architecture configs of MuseTalk's three weight sets, full size and tiny.
 
-`full` is the real architecture (docs/musetalk.md). `tiny` uses the
+`full` is the real architecture (docs/design/musetalk.md). `tiny` uses the
 same classes with small widths, keeping every tensor of the served contract
 (`contract.specs`) unchanged, so that tests export and serve all five networks in
 seconds with the same config.pbtxt files.

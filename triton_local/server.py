@@ -1,7 +1,7 @@
 """Start and stop a real tritonserver on a machine without a GPU or Docker.
 
 The binary comes from the nvidia-pytriton wheel installed in the server's own
-environment (.venv-triton: numpy<2, onnxruntime, openvino). docs/local-triton.md
+environment (.venv-triton: numpy<2, onnxruntime, openvino). docs/deploy/local-server.md
 lists every pitfall handled here, numbered as the comments below cite them.
 
 The server leaves nothing behind, whichever way it stops: stop() ends the whole

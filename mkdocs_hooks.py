@@ -1,0 +1,99 @@
+"""MkDocs hooks (mkdocs.yml): the reference pages are made from the code as the site is built.
+
+    <!-- openapi -->   the HTTP API, from the service's own OpenAPI schema, and its WebSockets
+    <!-- settings -->  every MUSETALK_* setting, from frontend/settings.py
+
+So the reference cannot drift from the service: a route or a setting that changes changes them.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if "<!-- openapi -->" in markdown:
+        markdown = markdown.replace("<!-- openapi -->", api_reference())
+    if "<!-- settings -->" in markdown:
+        markdown = markdown.replace("<!-- settings -->", settings_reference())
+    return markdown
+
+
+def _app():
+    os.environ.setdefault("MUSETALK_AVATAR_DIR", tempfile.mkdtemp(prefix="musetalk-docs-"))
+    from frontend.app import create_app
+
+    return create_app()
+
+
+def _cell(text) -> str:
+    return " ".join(str(text or "").split()).replace("|", "\\|")
+
+
+def _type(schema: dict) -> str:
+    if "anyOf" in schema:
+        return " or ".join(_type(s) for s in schema["anyOf"])
+    if schema.get("type") == "array":
+        return f"array of {_type(schema.get('items', {}))}"
+    return schema.get("format") if schema.get("format") == "binary" else schema.get("type", "object")
+
+
+def api_reference() -> str:
+    from starlette.routing import WebSocketRoute
+
+    app = _app()
+    spec = app.openapi()
+    components = spec.get("components", {}).get("schemas", {})
+    out = []
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            about = operation.get("description") or operation.get("summary", "")
+            out += [f"## `{method.upper()} {path}`", "", about, ""]
+            parameters = operation.get("parameters", [])
+            if parameters:
+                out += ["| parameter | in | type | required | description |", "|---|---|---|---|---|"]
+                out += [f"| `{p['name']}` | {p['in']} | {_type(p.get('schema', {}))} | {p.get('required', False)} | "
+                        f"{_cell(p.get('description') or p.get('schema', {}).get('description'))} |"
+                        for p in parameters]
+                out.append("")
+            body = operation.get("requestBody", {}).get("content", {})
+            for content_type, media in body.items():
+                schema = media.get("schema", {})
+                schema = components.get(schema.get("$ref", "").rsplit("/", 1)[-1], schema)
+                fields = schema.get("properties", {})
+                out += [f"Body (`{content_type}`):", ""]
+                if fields:
+                    required = set(schema.get("required", []))
+                    out += ["| field | type | default | description |", "|---|---|---|---|"]
+                    out += [f"| `{name}`{' (required)' if name in required else ''} | {_type(field)} | "
+                            f"{_cell(field.get('default', ''))} | {_cell(field.get('description'))} |"
+                            for name, field in fields.items()]
+                out.append("")
+            answers = operation.get("responses", {})
+            out += ["Answers: " + "; ".join(f"{code} {_cell(r.get('description'))}" for code, r in answers.items()), ""]
+    sockets = [r for r in _routes(app.routes) if isinstance(r, WebSocketRoute)]
+    if sockets:
+        out += ["## WebSockets", ""]
+        for route in sockets:
+            module = inspect.getmodule(route.endpoint)
+            out += [f"### `WS {route.path}`", "", "```", (inspect.getdoc(module) or "").strip(), "```", ""]
+    return "\n".join(out)
+
+
+def _routes(routes):
+    """Every route, those of included routers too (FastAPI keeps them in the router it was given)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        yield from _routes(included.routes) if included is not None else [route]
+
+
+def settings_reference() -> str:
+    from frontend.settings import Settings
+
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append(f"| `MUSETALK_{name.upper()}` | `{_cell(default if default is not None else 'unset')}` | "
+                    f"{_cell(field.description)} |")
+    return "\n".join(rows)
