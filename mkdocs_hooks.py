@@ -28,7 +28,9 @@ def _app():
 
 
 def _cell(text) -> str:
-    return " ".join(str(text or "").split()).replace("|", "\\|")
+    """Text for a table cell: one line, its pipes and angle brackets escaped (not HTML)."""
+    text = " ".join(str("" if text is None else text).split())
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _type(schema: dict) -> str:

@@ -21,14 +21,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MUSETALK_", frozen=True, env_parse_none_str="off")
 
     triton_url: str = Field("localhost:8001", description="Triton's gRPC (or HTTP) host:port")
-    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_protocol: Literal["grpc", "http"] = Field(
+        "grpc", description="how the front end talks to Triton: gRPC (requests it can cancel) or HTTP")
     avatar_dir: Path = Field(Path("data/avatars"), description="where prepared avatars are stored")
     default_avatar: str = Field("default", description="the avatar of requests that name none (empty: none, "
                                 "and such requests are refused)")
     default_avatar_source: str = Field(
         "", description="an image or video prepared as the default avatar at start-up when missing")
-    max_audio_seconds: float = Field(120.0, gt=0)
-    max_upload_mb: float = Field(50.0, gt=0)
+    max_audio_seconds: float = Field(120.0, gt=0, description="longest speech of a request (read from the "
+                                     "file's header before it is decoded: 422 beyond)")
+    max_upload_mb: float = Field(50.0, gt=0, description="largest upload, held to while it streams (413 beyond)")
     max_avatar_seconds: float = Field(
         60.0, gt=0, description="longest avatar video used; a longer one is cut there (and the answer says so)")
     avatar_cache_mb: float = Field(1024.0, gt=0, description="memory for prepared avatars kept loaded")
@@ -38,7 +40,8 @@ class Settings(BaseSettings):
         4096 * 4096, ge=1, description="largest image or video frame accepted, in pixels (checked before decoding)")
     batch_size: int = Field(16, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request")
     in_flight: int = Field(4, ge=1, description="batches kept in flight per request")
-    x264_preset: str = "veryfast"
+    x264_preset: str = Field("veryfast", description="x264's preset for answers (superfast, ultrafast: less "
+                             "CPU per frame, larger files)")
     max_frames_in_progress: int = Field(
         1500, ge=1, description="admission: frames (seconds x fps of the clips) generated at once by POST "
                                 "/onnx-infer; more requests wait (up to admission_queue) or get 429")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,9 +192,10 @@ class LocalTriton:
         with self.log_file.open("wb") as log:
             # A session of its own: stop() signals the whole group, stubs included. And it
             # dies with this process, however that ends (Ctrl-C, kill, a crash).
+            command, preexec = dying_with_parent(self.command())
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT,
-                env=self.environment.process_env(), start_new_session=True, preexec_fn=die_with_parent,
+                command, stdout=log, stderr=subprocess.STDOUT,
+                env=self.environment.process_env(), start_new_session=True, preexec_fn=preexec,
             )
         def ready() -> bool:
             if on_wait:
@@ -264,6 +266,18 @@ def die_with_parent() -> None:
     """In a child process, before exec: receive SIGTERM when the thread that started it ends
     (start servers from the main thread, or one that lives as long as they should)."""
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def dying_with_parent(command: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """(command, preexec_fn) for Popen: the process gets SIGTERM when the thread that started it
+    ends, however that ends. Through util-linux's setpriv where there is one, which sets that in
+    the child and then execs the command: Python's preexec_fn runs Python code between fork and
+    exec, which a process with gRPC threads (a client) cannot always survive (gRPC's fork
+    handlers abort the child: seen starting nginx from the test process)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *command], None
+    return command, die_with_parent
 
 
 def _signal_group(group: int, sig: int) -> None:
