@@ -43,6 +43,8 @@ SESSION_PICTURE_LOSS = Counter("musetalk_session_picture_loss", "Viewers' keyfra
                                "answers it), throttled (one was sent less than a second ago)", ["result"])
 SESSION_SPEECH_START = Histogram("musetalk_session_speech_start_seconds", "From a speech segment's first audio "
                                  "received to its first frame sent", buckets=SECONDS)
+LIVE_AUDIO_SECONDS = Counter("musetalk_live_audio_seconds", "Speech that /ws/live sessions have read from their "
+                             "clients (they stop reading while their video trails or their inbox is full)")
 LIVE_SESSIONS = Gauge("musetalk_live_sessions", "Live sessions (WebSocket /ws/live) open now")
 STREAMS = Gauge("musetalk_streams_active", "Streamed answers (POST /onnx-infer stream=true) being sent now")
 LIVE_LATENCY = Histogram("musetalk_live_latency_seconds", "Live sessions: from receiving the audio of a frame "

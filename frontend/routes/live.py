@@ -140,7 +140,11 @@ async def _receive_all(websocket: WebSocket, session: LiveSession, rate: int, op
         session.end()
         return True
 
-    await read_speech(websocket, session.feed, {"end": end},
+    def feed(pcm16: bytes) -> None:
+        session.feed(pcm16)
+        metrics.LIVE_AUDIO_SECONDS.inc(len(pcm16) / 2 / rate)
+
+    await read_speech(websocket, feed, {"end": end},
                       hold=lambda: session.lag_s > options.max_lag_s or session.inbox_seconds > INBOX_SECONDS,
                       idle_s=idle_s, max_bytes=int(options.max_seconds * rate * 2),
                       too_long=f"a live session takes at most {options.max_seconds:g} s of speech")
