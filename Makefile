@@ -56,6 +56,8 @@ triton-env: $(TRITON_VENV)/.installed
 $(TRITON_VENV)/.installed: triton_local/requirements.txt
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip==25.3
+	# onnxruntime-gpu replaced onnxruntime here: two packages writing one module break both
+	$(TRITON_VENV)/bin/python -m pip uninstall -q -y onnxruntime
 	$(TRITON_VENV)/bin/python -m pip install -q -r triton_local/requirements.txt
 	touch $@
 

@@ -40,7 +40,7 @@ from contract import specs
 from contract.layout import model_path
 from contract.runners import open_runner
 from triton_local.repository import Runtime, generate
-from triton_local.runtimes import runtimes_for
+from triton_local.runtimes import CUDA, runtimes_for
 from triton_local.server import BUILD, LocalTriton, Ports
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,8 +60,9 @@ def inputs(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((batch, 8, 32, 32)).astype(np.float32))
 
 
-def in_process(repository: Path, batch: int, repeats: int, spin: bool) -> dict:
-    run = {n: open_runner(model_path(repository, n), spin=spin) for n in CORE}
+def in_process(repository: Path, batch: int, repeats: int, runtime: Runtime) -> dict:
+    run = {n: open_runner(model_path(repository, n), runtime.name, runtime.precision, spin=runtime.spin)
+           for n in CORE}
     audio, latents = inputs(batch)
 
     def core():
@@ -132,18 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=8, help="ensemble requests per variant")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="in-process repetitions")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None, help=f"any of {', '.join(VARIANTS)} (default: all on a CPU; "
+                   "auto, the GPU, where the local server runs on one)")
     p.add_argument("--perf-analyzer", action="store_true", help="perf_analyzer on the first variant's server too")
     p.add_argument("--label", default="full_cpu")
     args = p.parse_args(argv)
 
     rows = []
-    for spin in (True, False):
-        row = {"path": f"in-process ({'spin' if spin else 'nospin'})",
-               **in_process(args.onnx_repository, args.batch, args.repeats, spin)}
+    on_gpu = runtimes_for(args.onnx_repository)["unet"] == CUDA
+    # The runtime under the server, alone: CUDA where the server runs on the GPU, else both CPU pools.
+    direct = {"onnxruntime CUDA": CUDA} if on_gpu else \
+        {"spin": Runtime(spin=True), "nospin": Runtime(spin=False)}
+    for label, runtime in direct.items():
+        row = {"path": f"in-process ({label})", **in_process(args.onnx_repository, args.batch, args.repeats, runtime)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     stagger_s = rows[0]["ms_per_frame"] * args.batch / 1e3 / args.concurrency
+    args.variants = args.variants or ("auto" if on_gpu else ",".join(VARIANTS))
     for index, variant in enumerate(args.variants.split(",")):
         for row in through_triton(args.onnx_repository, variant, args.batch, args.requests, args.concurrency,
                                   stagger_s, perf_analyzer=args.perf_analyzer and index == 0):
@@ -156,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         f"# The local server beside the runtime under it ({args.label})", "",
         f"- produced by: `{invocation('benchmarks.local_server', argv)}`",
         f"- machine: {machine()}",
-        f"- date: {time.strftime('%Y-%m-%d')}; onnxruntime fp32 (but `auto`); batch {args.batch}; "
+        f"- date: {time.strftime('%Y-%m-%d')}; onnxruntime fp32 (but `auto`: {'the GPU' if on_gpu else 'this CPU'}'s "
+        f"choice); batch {args.batch}; "
         f"{args.requests} ensemble requests, {args.concurrency} in flight", "",
         "| path | first answer ms | steady ms per frame | vs in-process |", "|---|---|---|---|",
     ] + [f"| {r['path']} | {'' if r['first_ms'] != r['first_ms'] else round(r['first_ms'])} | "
-         f"{r['ms_per_frame']:.0f} | {r['ms_per_frame'] / reference:.2f}x |" for r in rows]
+         f"{r['ms_per_frame']:.3g} | {r['ms_per_frame'] / reference:.2f}x |" for r in rows]
     lines += ["", "perf_analyzer (tritonclient 2.51.0): " + ", ".join(f"`{r['command']}`" for r in rows
                                                                  if "command" in r)] if args.perf_analyzer else []
     path.write_text("\n".join(lines) + "\n")

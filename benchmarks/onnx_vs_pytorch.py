@@ -1,6 +1,6 @@
 """How much faster is ONNX? PyTorch eager vs onnxruntime / OpenVINO on the same weights.
 
-    python -m benchmarks.onnx_vs_pytorch                     # full size, batches 1, 4, 16
+    python -m benchmarks.onnx_vs_pytorch            # full size; batches 1,8,16,32 on CUDA, 1,4,16 on a CPU
     python -m benchmarks.onnx_vs_pytorch --profile tiny --batches 1,4 --repeats 2
 
 Every network of the repository's exported ONNX files is timed against the
@@ -11,111 +11,44 @@ is what every video frame costs: positional_encoding + unet + vae_decoder.
 Errors are measured against PyTorch fp32: relative L2 for float outputs, PSNR
 of the uint8 face (against PyTorch fp32's face) for the decoder.
 
-On a CUDA machine the backends are PyTorch fp32 and fp16, and onnxruntime's
-CUDA and TensorRT (fp16) providers; on a CPU, PyTorch fp32 and bf16 autocast,
-onnxruntime's CPU provider and OpenVINO in fp32 and bf16.
+On a CUDA machine (benchmarks/backends.py says how each runs; tensors stay on the GPU):
+PyTorch fp32, TF32, bf16/fp16 autocast, fp16, fp16 with the export's sub-pixel rewrite,
+and that as a CUDA graph; onnxruntime's CUDA provider on the shipped fp32 files (TF32 off
+and on, and as a CUDA graph) and on fp16 copies of them (export.fp16: all fp16, or the
+normalisations kept in fp32; each also as a CUDA graph); TensorRT fp16 where onnxruntime
+has it. On a CPU: PyTorch fp32 and bf16 autocast, onnxruntime's CPU provider and OpenVINO
+in fp32 and bf16.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.backends import Backend, OnnxruntimeOnDevice, on_host, pytorch
 from benchmarks.provenance import invocation, machine
 from contract.layout import model_path
-from contract.runners import Runner, onnxruntime_runner, open_runner
+from contract.runners import Runner, open_runner
 from export.checkpoints import WeightSource
+from export.fp16 import NORMALISATIONS, to_fp16
 from export.onnx_configs import CONFIGS
 from export.onnx_export import export_key, recorded_key
 from export.precision import face_psnr
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BUILD = Path(__file__).resolve().parent.parent / "build"
 CORE = ("positional_encoding", "unet", "vae_decoder")
-
-
-@dataclass
-class Backend:
-    name: str
-    run: Callable[[list[np.ndarray]], list[np.ndarray]]
-
-
-def pytorch(module, device: str = "cpu", *, half: bool = False, autocast: torch.dtype | None = None,
-            tf32: bool = False, rewrites: tuple = (), graph: bool = False) -> Callable:
-    """PyTorch eager: strict fp32 by default; or TF32 tensor cores, autocast to a dtype
-    (norms stay fp32), the whole module in fp16, the export's exact rewrites, and
-    replay as a CUDA graph (no per-kernel launch cost, as in a built engine)."""
-    if half or rewrites:  # a copy: the fp32 backends keep the original
-        module = copy.deepcopy(module)
-    applied = ExitStack()
-    for rewrite in rewrites:
-        applied.enter_context(rewrite(module))
-    module = (module.half() if half else module).to(device)
-    forward = _graphed(module) if graph else module
-
-    def run(inputs):
-        tensors = [torch.from_numpy(x).to(device) for x in inputs]
-        if half:
-            tensors = [t.half() if t.is_floating_point() else t for t in tensors]
-        with torch.no_grad(), _tf32(tf32), torch.autocast(device, dtype=autocast or torch.bfloat16,
-                                                          enabled=autocast is not None):
-            out = forward(*tensors)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out = out if isinstance(out, tuple) else (out,)
-        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in out]
-
-    # The rewrites undo themselves when their context closes, which garbage
-    # collection of the stack would do: the runner holds it open.
-    run.rewrites = applied
-    return run
-
-
-def _graphed(module) -> Callable:
-    """`module` captured as one CUDA graph per input shape, replayed on static tensors."""
-    graphs = {}
-
-    def forward(*tensors):
-        shapes = tuple(t.shape for t in tensors)
-        if shapes not in graphs:
-            static = [t.clone() for t in tensors]
-            side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    module(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = module(*static)
-            graphs[shapes] = graph, static, out
-        graph, static, out = graphs[shapes]
-        for target, value in zip(static, tensors):
-            target.copy_(value)
-        graph.replay()
-        return out.clone()
-
-    return forward
-
-
-@contextmanager
-def _tf32(enabled: bool):
-    """TF32 for matmuls and convolutions on or off (PyTorch's default has convolutions on)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+# The fp16 copies of the ONNX files measured on CUDA (export.fp16): every operator in fp16, or
+# the normalisations kept in fp32.
+FP16_KEPT = {"fp16": (), "fp16-norms32": NORMALISATIONS}
+FP16_VARIANTS = tuple(FP16_KEPT)
 
 
 def positional(run: Runner, names: list[str]) -> Callable:
@@ -123,44 +56,65 @@ def positional(run: Runner, names: list[str]) -> Callable:
     return lambda inputs: list(run(dict(zip(names, inputs))).values())
 
 
-def backends_for(config, module, onnx_file: Callable[[], Path], cuda: bool) -> list[Backend]:
+def backends_for(config, module, onnx_file: Callable[[str], Path], cuda: bool,
+                 fp16: tuple[str, ...] = FP16_VARIANTS) -> list[Backend]:
     """The backends compared on this machine; PyTorch strict fp32 first, the reference.
 
-    `onnx_file()` answers the checked ONNX file, asked only when an ONNX backend runs.
+    `onnx_file(variant)` answers the checked ONNX file ("fp32": the shipped one; an fp16
+    variant: its copy, made on first use), asked only when an ONNX backend runs.
     """
     names = config.input_names
     if not cuda:
-        path = onnx_file()
+        path = onnx_file("fp32")
         return [
-            Backend("pytorch-fp32", pytorch(module)),
-            Backend("pytorch-bf16", pytorch(module, autocast=torch.bfloat16)),
-            Backend("onnxruntime-fp32", positional(open_runner(path), names)),
-            Backend("openvino-fp32", positional(open_runner(path, "openvino", "f32"), names)),
-            Backend("openvino-bf16", positional(open_runner(path, "openvino", "bf16"), names)),
+            pytorch("pytorch-fp32", module),
+            pytorch("pytorch-bf16", module, autocast=torch.bfloat16),
+            on_host("onnxruntime-fp32", positional(open_runner(path), names)),
+            on_host("openvino-fp32", positional(open_runner(path, "openvino", "f32"), names)),
+            on_host("openvino-bf16", positional(open_runner(path, "openvino", "bf16"), names)),
         ]
     backends = [
-        Backend("pytorch-fp32", pytorch(module, "cuda")),
-        Backend("pytorch-tf32", pytorch(module, "cuda", tf32=True)),
-        Backend("pytorch-bf16-autocast", pytorch(module, "cuda", autocast=torch.bfloat16)),
-        Backend("pytorch-fp16-autocast", pytorch(module, "cuda", autocast=torch.float16)),
-        Backend("pytorch-fp16", pytorch(module, "cuda", half=True)),
+        pytorch("pytorch-fp32", module, "cuda"),
+        pytorch("pytorch-tf32", module, "cuda", tf32=True),
+        pytorch("pytorch-bf16-autocast", module, "cuda", autocast=torch.bfloat16),
+        pytorch("pytorch-fp16-autocast", module, "cuda", autocast=torch.float16),
+        pytorch("pytorch-fp16", module, "cuda", half=True),
     ]
     if config.rewrites:  # what the exported graph computes, in fp16
-        backends.append(Backend("pytorch-fp16-subpixel",
-                                pytorch(module, "cuda", half=True, rewrites=config.rewrites)))
+        backends.append(pytorch("pytorch-fp16-subpixel", module, "cuda", half=True, rewrites=config.rewrites))
     # The nearest PyTorch gets to a built engine: the exported maths in fp16, no launch cost.
-    backends.append(Backend("pytorch-fp16-graph",
-                            pytorch(module, "cuda", half=True, rewrites=config.rewrites, graph=True)))
+    backends.append(pytorch("pytorch-fp16-graph", module, "cuda", half=True, rewrites=config.rewrites,
+                            graph=True))
     providers = _onnxruntime_providers()
+    ways = []  # (file variant, session options, [(backend name, as a CUDA graph)])
     if "CUDAExecutionProvider" in providers:
-        backends.append(Backend("onnxruntime-cuda-fp32", positional(
-            onnxruntime_runner(onnx_file(), providers=["CUDAExecutionProvider"]), names)))
+        ways += [("fp32", {"tf32": False}, [("onnxruntime-cuda-fp32", False), ("onnxruntime-cuda-fp32-graph", True)]),
+                 ("fp32", {"tf32": True}, [("onnxruntime-cuda-tf32", False)])]
+        ways += [(variant, {}, [(f"onnxruntime-cuda-{variant}", False), (f"onnxruntime-cuda-{variant}-graph", True)])
+                 for variant in fp16]
     if "TensorrtExecutionProvider" in providers:
-        trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                             "trt_engine_cache_path": str(RESULTS.parent / ".trt_cache")})
-        backends.append(Backend("onnxruntime-tensorrt-fp16", positional(
-            onnxruntime_runner(onnx_file(), providers=[trt, "CUDAExecutionProvider"]), names)))
+        trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(BUILD / "trt_cache")}
+        ways.append(("fp32", {"tensorrt": trt}, [("onnxruntime-tensorrt-fp16", False)]))
+    for variant, options, named in ways:
+        try:
+            session = OnnxruntimeOnDevice(onnx_file(variant), **options)
+        except Exception as failure:  # noqa: BLE001 - a provider that cannot run here leaves the others
+            print(f"  {config.name}: {', '.join(n for n, _ in named)} cannot run: {str(failure).splitlines()[0]}",
+                  flush=True)
+            continue
+        backends += [session.backend(name, graph=graph) for name, graph in named]
     return backends
+
+
+def _load_cuda_libraries() -> None:
+    """onnxruntime-gpu finds cuDNN and cuBLAS in the NVIDIA wheels PyTorch brings, once loaded."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    if hasattr(onnxruntime, "preload_dlls"):
+        onnxruntime.preload_dlls()
 
 
 def _onnxruntime_providers() -> list[str]:
@@ -181,36 +135,43 @@ def error(reference: np.ndarray, value: np.ndarray) -> dict:
 
 
 def measure(name: str, source: WeightSource, repository: Path, batches: list[int], repeats: int,
-            cuda: bool) -> list[dict]:
+            cuda: bool, fp16: tuple[str, ...] = FP16_VARIANTS) -> list[dict]:
     config = CONFIGS[name]
 
-    def onnx_file() -> Path:
+    def onnx_file(variant: str) -> Path:
         path = model_path(repository, name)
         if recorded_key(path) != export_key(config, source):
             raise SystemExit(f"{path} was not exported from these weights: run "
                              f"`python -m export ...` with the same --weights/--synthetic/--profile first")
-        return path
+        if variant == "fp32":
+            return path
+        print(f"  {name}: making its {variant} copy...", flush=True)
+        return to_fp16(path, model_path(BUILD / variant / repository.resolve().name, name), FP16_KEPT[variant])
 
     module = config.build(source.load(config.component) if config.component else None).eval()
-    backends = backends_for(config, module, onnx_file, cuda)
+    backends = backends_for(config, module, onnx_file, cuda, fp16)
     rows = []
     for batch in batches:
         inputs = [t.numpy() for t in config.sample(batch, torch.Generator().manual_seed(batch))]
-        outputs = {}  # the warm-up, and the outputs compared
+        bound, outputs = {}, {}  # bound once per batch; the first call warms up and gives the outputs compared
         for b in list(backends):
             try:
-                outputs[b.name] = b.run(inputs)[0]
-            except RuntimeError as failure:  # e.g. pure fp16 of a network that casts its uint8 input to fp32
+                bound[b.name] = b.bind(inputs)
+                bound[b.name]()
+                outputs[b.name] = bound[b.name].outputs()[0]
+            except Exception as failure:  # noqa: BLE001 - e.g. pure fp16 of a network that casts its uint8 input
                 reason = (str(failure) or type(failure).__name__).splitlines()[0]
-                print(f"  {name:20s} batch {batch:3d} {b.name:26s} cannot run: {reason}", flush=True)
+                print(f"  {name:20s} batch {batch:3d} {b.name:30s} cannot run: {reason}", flush=True)
                 backends.remove(b)
+                bound.pop(b.name, None)
         reference = outputs[backends[0].name]
         times = {b.name: [] for b in backends}
         for r in range(repeats):
             for b in backends[r % len(backends):] + backends[: r % len(backends)]:
                 started = time.perf_counter()
-                b.run(inputs)
+                bound[b.name]()
                 times[b.name].append(time.perf_counter() - started)
+        del bound  # device buffers go before the next batch's
         base = statistics.median(times[backends[0].name])
         for b in backends:
             ms = statistics.median(times[b.name]) * 1000
@@ -218,7 +179,7 @@ def measure(name: str, source: WeightSource, repository: Path, batches: list[int
                          "ms_per_call": round(ms, 3), "ms_per_frame": round(ms / batch, 3),
                          "speedup": round(base * 1000 / ms, 2),
                          **error(reference, outputs[b.name])})
-            print(f"  {name:20s} batch {batch:3d} {b.name:26s} {ms / batch:9.3f} ms/frame "
+            print(f"  {name:20s} batch {batch:3d} {b.name:30s} {ms / batch:9.3f} ms/frame "
                   f"x{rows[-1]['speedup']:5.2f}  {json.dumps(error(reference, outputs[b.name]))}",
                   flush=True)
     return rows
@@ -242,23 +203,22 @@ def core_rows(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["batch"], -r["ms_per_frame"]))
 
 
-def machine_used(cuda: bool) -> str:
-    if cuda:
-        return f"{torch.cuda.get_device_name(0)}; host {machine()}"
-    return f"{machine()}, {torch.get_num_threads()} torch threads"
-
-
 def write(rows: list[dict], core: list[dict], args, command_line: str, cuda: bool) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"onnx_vs_pytorch_{args.profile}_{'cuda' if cuda else 'cpu'}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"onnx_vs_pytorch_{args.profile}_{'cuda' if cuda else 'cpu'}"
     versions = _versions(cuda)
     header = [f"# ONNX vs PyTorch ({args.profile} profile, {'CUDA' if cuda else 'CPU'})", "",
-              f"- produced by: `{command_line}`", f"- machine: {machine_used(cuda)}",
+              f"- produced by: `{command_line}`", f"- machine: {machine()}; {torch.get_num_threads()} torch threads",
               f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
               "- weights: " + ("synthetic (random values: real timings, no lip sync)" if args.synthetic
                                else "checkpoints"),
               f"- median of {args.repeats} interleaved runs after a warm-up; date {time.strftime('%Y-%m-%d')}",
-              *(["- a call's time includes moving its inputs to the GPU and its outputs back"] if cuda else []),
+              *(["- inputs and outputs stay on the GPU: a call's time is the network's alone (I/O binding for "
+                 "onnxruntime), as in a server that keeps tensors on the device; TensorRT rows copy them"]
+                if cuda else []),
+              *([f"- fp16 ONNX rows: the shipped files converted by export.fp16 ({', '.join(FP16_VARIANTS)}: "
+                 "every operator in fp16 / normalisations kept in fp32), inputs and outputs as shipped"]
+                if cuda else []),
               "",
               "## The per-frame core (positional_encoding + unet + vae_decoder)", "",
               "| batch | backend | ms per frame | speed-up vs PyTorch fp32 | face PSNR vs PyTorch fp32 |",
@@ -314,15 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=["full", "tiny"], default="full")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--networks", default=",".join(CONFIGS))
-    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--batches", default=None, help="default: 1,8,16,32 on CUDA, 1,4,16 on a CPU")
     p.add_argument("--encoder-batches", default="1,4",
                    help="batches for audio_encoder and vae_encoder (not per-frame networks)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the tables are written (after each network)")
+    p.add_argument("--fp16", default=",".join(FP16_VARIANTS),
+                   help=f"fp16 ONNX copies measured on CUDA: any of {', '.join(FP16_VARIANTS)} (empty: none)")
     args = p.parse_args(argv)
     if args.weights:
         args.synthetic = False
     command_line = invocation("benchmarks.onnx_vs_pytorch", argv)
     cuda = torch.cuda.is_available()
+    args.batches = args.batches or ("1,8,16,32" if cuda else "1,4,16")
+    fp16 = tuple(v for v in args.fp16.split(",") if v)
+    if unknown := set(fp16) - set(FP16_VARIANTS):
+        p.error(f"--fp16: unknown {', '.join(sorted(unknown))}; use {', '.join(FP16_VARIANTS)}")
+    if cuda:
+        _load_cuda_libraries()
     # cuDNN picks its fastest kernels during the warm-up, as TensorRT does at build.
     torch.backends.cudnn.benchmark = cuda
     source = WeightSource(args.weights, args.profile)
@@ -331,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = args.batches if name in CORE else args.encoder_batches
         print(f"{name}:", flush=True)
         rows += measure(name, source, args.repository, [int(b) for b in batches.split(",")],
-                        args.repeats, cuda)
+                        args.repeats, cuda, fp16)
+        write(rows, core_rows(rows), args, command_line, cuda)  # a run cut short keeps what it measured
     core = core_rows(rows)
     print("\ncore (positional_encoding + unet + vae_decoder), per frame:")
     for r in core:

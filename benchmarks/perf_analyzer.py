@@ -81,34 +81,71 @@ def run(command: list[str], timeout: float = 1800) -> str:
 
 def sweep(url_for: dict[str, str], models: list[str], concurrency: str, batch_size: int,
           request_count: int | None, measurement_ms: int) -> list[dict]:
+    """perf_analyzer on each model over each protocol; `concurrency` is its start:end:step or
+    a list of levels ("1,4,16"), each level then a run of its own."""
+    ranges = [f"{c}:{c}:1" for c in concurrency.split(",")] if "," in concurrency else [concurrency]
     rows = []
     for protocol, url in url_for.items():
         for model in models:
-            with tempfile.TemporaryDirectory() as tmp:
-                csv_file = Path(tmp) / "out.csv"
-                command = perf_analyzer_command(model, url, protocol, concurrency, batch_size,
-                                                measurement_ms, request_count, csv_file)
-                print("$", shlex.join(command), flush=True)
-                try:
-                    run(command)
-                except RuntimeError as error:  # one unstable model must not lose the others
-                    print(f"  {model} {protocol}: {str(error).splitlines()[-1]}", flush=True)
-                    continue
-                measured = sorted(csv.DictReader(io.StringIO(csv_file.read_text())),
-                                  key=lambda r: int(r["Concurrency"]))
-                for row in measured:
-                    rows.append({
-                        "model": model, "protocol": protocol, "batch_size": batch_size,
-                        "concurrency": int(row["Concurrency"]),
-                        "inferences_per_s": float(row["Inferences/Second"]),
-                        "p50_ms": int(row["p50 latency"]) / 1000,
-                        "p95_ms": int(row["p95 latency"]) / 1000,
-                        "command": shlex.join(command[1:]),
-                    })
-                    print(f"  {model} {protocol} c={rows[-1]['concurrency']}: "
-                          f"{rows[-1]['inferences_per_s']:.2f} infer/s, p50 {rows[-1]['p50_ms']:.0f} ms, "
-                          f"p95 {rows[-1]['p95_ms']:.0f} ms", flush=True)
+            for levels in ranges:
+                rows += _one_run(protocol, url, url_for.get("grpc"), model, levels, batch_size,
+                                 request_count, measurement_ms)
     return rows
+
+
+def _one_run(protocol: str, url: str, grpc_url: str | None, model: str, concurrency: str, batch_size: int,
+             request_count: int | None, measurement_ms: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_file = Path(tmp) / "out.csv"
+        command = perf_analyzer_command(model, url, protocol, concurrency, batch_size,
+                                        measurement_ms, request_count, csv_file)
+        print("$", shlex.join(command), flush=True)
+        before = executions(grpc_url)
+        try:
+            run(command)
+        except RuntimeError as error:  # one unstable model must not lose the others
+            print(f"  {model} {protocol}: {str(error).splitlines()[-1]}", flush=True)
+            return []
+        batches = average_batches(before, executions(grpc_url))
+        measured = sorted(csv.DictReader(io.StringIO(csv_file.read_text())), key=lambda r: int(r["Concurrency"]))
+    rows = []
+    for row in measured:
+        rows.append({
+            "model": model, "protocol": protocol, "batch_size": batch_size,
+            "concurrency": int(row["Concurrency"]),
+            "inferences_per_s": float(row["Inferences/Second"]),
+            "p50_ms": int(row["p50 latency"]) / 1000,
+            "p95_ms": int(row["p95 latency"]) / 1000,
+            # over the whole run, warm-up and every level of a range included
+            "average_batch": batches,
+            "command": shlex.join(command[1:]),
+        })
+        print(f"  {model} {protocol} c={rows[-1]['concurrency']}: "
+              f"{rows[-1]['inferences_per_s']:.2f} infer/s, p50 {rows[-1]['p50_ms']:.1f} ms, "
+              f"p95 {rows[-1]['p95_ms']:.1f} ms, executions' average batch {batches}", flush=True)
+    return rows
+
+
+def executions(grpc_url: str | None) -> dict[str, tuple[int, int]]:
+    """Each model's (inferences, executions) so far, from the server's own statistics."""
+    if not grpc_url:
+        return {}
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        stats = client.get_inference_statistics(as_json=True)["model_stats"]
+    return {s["name"]: (int(s.get("inference_count", 0)), int(s.get("execution_count", 0))) for s in stats}
+
+
+def average_batches(before: dict, after: dict) -> dict[str, float]:
+    """Frames per execution of each model that ran in between: what dynamic batching merged."""
+    out = {}
+    for name, (inferences, runs) in after.items():
+        inferences -= before.get(name, (0, 0))[0]
+        runs -= before.get(name, (0, 0))[1]
+        if runs > 0 and name in specs.NETWORKS:
+            out[name] = round(inferences / runs, 2)
+    return out
 
 
 def write_results(rows: list[dict], label: str, command_line: str) -> Path:
@@ -119,11 +156,12 @@ def write_results(rows: list[dict], label: str, command_line: str) -> Path:
         f"- produced by: `{command_line}`",
         f"- machine: {machine()}",
         f"- date: {time.strftime('%Y-%m-%d')}", "",
-        "| model | protocol | batch | concurrency | inferences/s | p50 ms | p95 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| model | protocol | batch | concurrency | inferences/s | p50 ms | p95 ms | unet frames per execution |",
+        "|---|---|---|---|---|---|---|---|",
     ] + [
         f"| {r['model']} | {r['protocol']} | {r['batch_size']} | {r['concurrency']} | "
-        f"{r['inferences_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |" for r in rows
+        f"{r['inferences_per_s']:.2f} | {r['p50_ms']:.3g} | {r['p95_ms']:.3g} | "
+        f"{r.get('average_batch', {}).get('unet', '')} |" for r in rows
     ] + ["", "Commands (perf_analyzer from tritonclient 2.51.0):", ""] + \
         sorted({f"    perf_analyzer {r['command']}" for r in rows})
     path.write_text("\n".join(lines) + "\n")
@@ -140,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--models", default="musetalk," + ",".join(specs.NETWORKS))
     p.add_argument("--protocols", default="grpc,http")
-    p.add_argument("--concurrency", default="1:4:3", help="perf_analyzer's start:end:step")
+    p.add_argument("--concurrency", default="1:4:3",
+                   help="perf_analyzer's start:end:step, or levels run one by one: 1,4,16")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--request-count", type=int, default=None,
                    help="count windows of N requests (for slow CPU runs) instead of time windows")

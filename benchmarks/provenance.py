@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 
 from contract import cpu
@@ -12,7 +14,21 @@ def machine() -> str:
     """"AMD EPYC (AVX-512, AVX512-BF16, AVX512-VNNI; no AMX-BF16), 2 cores, 24 GiB": the CPU with the
     flags that decide its speed (the same VM size may be a CPU with bf16 or one without)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu.describe()}, {os.cpu_count()} cores, {memory:.0f} GiB"
+    host = f"{cpu.describe()}, {os.cpu_count()} cores, {memory:.0f} GiB"
+    return f"{gpu}; host {host}" if (gpu := gpus()) else host
+
+
+def gpus() -> str:
+    """"NVIDIA H200 (143771 MiB, driver 580.159.03)" for each GPU nvidia-smi lists; "" without one."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    rows = [[field.strip() for field in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+    return ", ".join(f"{name} ({memory}, driver {driver})" for name, memory, driver in rows if out.returncode == 0)
 
 
 def invocation(module: str, argv: list[str] | None) -> str:

@@ -8,6 +8,8 @@ arrays by name.
   runtime "onnxruntime": the CPU execution provider (fp32, the reference).
   runtime "openvino": OpenVINO on the CPU with an inference precision hint,
       "f32" or "bf16" (AVX-512 BF16 / AMX halve the UNet and VAE decoder's cost).
+  runtime "onnxruntime-cuda": onnxruntime-gpu's CUDA provider on GPU 0, precision "f32"
+      (strict fp32) or "tf32" (fp32 through TF32 tensor cores).
 
 Only numpy is imported here; the runtimes are imported when used, so this
 module also loads inside the local server's own environment (numpy<2).
@@ -42,6 +44,27 @@ def onnxruntime_runner(path: Path, threads: int = 0, providers: list | None = No
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
+def cuda_runner(path: Path, precision: str = "f32") -> Runner:
+    """onnxruntime's CUDA provider on GPU 0, numpy in and out: what the local server runs on a GPU.
+
+    onnxruntime-gpu finds the CUDA and cuDNN libraries in NVIDIA's pip wheels (PyTorch's, or
+    `onnxruntime-gpu[cuda,cudnn]`) once preloaded; without them it would quietly fall back to
+    the CPU, which is refused here with what it said."""
+    import onnxruntime as ort
+
+    if precision not in ("f32", "tf32"):
+        raise ValueError(f"onnxruntime-cuda precision {precision!r}: use f32 or tf32")
+    ort.preload_dlls()
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "1" if precision == "tf32" else "0"})
+    session = ort.InferenceSession(str(path), providers=[cuda])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"onnxruntime could not use CUDA for {path} (it offered {session.get_providers()}): "
+                           "is an NVIDIA GPU visible, and are the CUDA 13 and cuDNN 9 libraries installed "
+                           "(pip install 'onnxruntime-gpu[cuda,cudnn]')?")
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
+
+
 def openvino_runner(path: Path, precision: str = "f32", threads: int = 0) -> Runner:
     import openvino as ov
 
@@ -58,14 +81,17 @@ def openvino_runner(path: Path, precision: str = "f32", threads: int = 0) -> Run
     return run
 
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "onnxruntime-cuda")
 
 
 def open_runner(path: Path, runtime: str = "onnxruntime", precision: str = "f32",
                 threads: int = 0, spin: bool = True) -> Runner:
-    """A runner for the ONNX file at `path` (precision applies to OpenVINO only, `spin` to onnxruntime)."""
+    """A runner for the ONNX file at `path` (precision applies to OpenVINO and CUDA, threads and
+    `spin` to the CPU)."""
     if runtime == "onnxruntime":
         return onnxruntime_runner(path, threads, spin=spin)
     if runtime == "openvino":
         return openvino_runner(path, precision, threads)
+    if runtime == "onnxruntime-cuda":
+        return cuda_runner(path, precision)
     raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")

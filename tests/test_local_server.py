@@ -30,6 +30,8 @@ def test_start_removes_what_an_earlier_crash_left(triton):
     with open(region, "wb") as f:
         f.write(b"\0" * 4096)
     try:
+        # Right after exec, /proc/<pid>/cmdline can still read empty on a busy machine.
+        assert wait_for(lambda: psutil.Process(orphan.pid).cmdline()[:1] == [stub], 5, 0.05)
         assert orphan.pid in remove_leftovers()
         orphan.wait(5)  # ended (it would sleep 10 minutes): no TimeoutExpired
         assert not os.path.exists(region)

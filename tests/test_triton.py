@@ -152,6 +152,19 @@ def test_perf_analyzer_measures_the_ensemble(triton):
     assert "Throughput" in out
 
 
+def test_perf_analyzer_sweeps_levels_and_reads_the_batches_triton_merged(triton):
+    """Concurrency levels run one by one; each row says how many frames the unet's executions
+    held, from Triton's own statistics (dynamic batching merges concurrent requests)."""
+    from benchmarks.perf_analyzer import sweep
+
+    rows = sweep({"grpc": triton.grpc_url}, ["musetalk"], "1,2", batch_size=1, request_count=None,
+                 measurement_ms=1000)
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["inferences_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
+        assert 1.0 <= row["average_batch"]["unet"] <= 2.0  # never more frames than requests in flight
+
+
 def test_wait_until_ready_names_what_is_missing(triton):
     with MuseTalkClient(triton.grpc_url) as client:
         client.wait_until_ready(timeout_s=30)  # every model of the contract is served

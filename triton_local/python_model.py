@@ -8,8 +8,9 @@ triton_local.repository from model_repository/, keeps the real model's name,
 tensors, batching and ensemble; its parameters say which file to run and how:
 
   onnx_model   absolute path of the ONNX file
-  runtime      "onnxruntime" (default) or "openvino"
-  precision    OpenVINO's inference precision hint: "f32" (default) or "bf16"
+  runtime      "onnxruntime" (default), "openvino" or "onnxruntime-cuda" (on GPU 0)
+  precision    OpenVINO's inference precision hint: "f32" (default) or "bf16";
+               CUDA's: "f32" (default) or "tf32"
   threads      intra-op threads, 0 = one per core (default)
   spin         "1" (default): onnxruntime's idle threads spin between operators;
                "0": they sleep (models computing at once then share the cores)
@@ -64,7 +65,7 @@ class TritonPythonModel:
             self.runner = open_runner(params["onnx_model"], params.get("runtime", "onnxruntime"),
                                       params.get("precision", "f32"), int(params.get("threads", "0")),
                                       spin=params.get("spin", "1") == "1")
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:  # a bad parameter, or no usable GPU
             raise pb_utils.TritonModelException(f"{config['name']}: {error}") from error
         self.chunk = int(params.get("chunk", "0"))
         self.cpu_lock = open(params["cpu_lock"], "a") if params.get("cpu_lock") else None  # noqa: SIM115

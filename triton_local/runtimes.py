@@ -1,5 +1,10 @@
 """Which runtime the local server gives each model, and why (see python_model.py).
 
+On a machine with an NVIDIA GPU that the server environment can use, every model runs in
+onnxruntime's CUDA provider, fp32 (MUSETALK_LOCAL_DEVICE: `auto`, the default, uses the GPU
+when a probe session in the server environment gets CUDA, and says why not otherwise; `cuda`
+insists; `cpu` never). Otherwise, on the CPU:
+
 fp32 onnxruntime is the reference everywhere. The unet and the vae_decoder run in
 OpenVINO bf16 only where both hold:
 
@@ -20,19 +25,27 @@ MUSETALK_CPU_CAPABILITIES overrides what the CPU is believed to do (contract.cpu
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from contract import cpu
 from contract.layout import BF16_GATE_KEY, BF16_PSNR_KEY, model_path, read_metadata
 from contract.specs import NETWORKS
 from triton_local.repository import Runtime
+from triton_local.server import ServerEnvironment
 
 PRECISION = "MUSETALK_CPU_PRECISION"
 CHOICES = ("auto", "fp32", "bf16")
 BF16 = Runtime("openvino", "bf16")
 OPENVINO_FP32 = Runtime("openvino", "f32")
 REFERENCE = Runtime()
+DEVICE = "MUSETALK_LOCAL_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
+# On a GPU a batch of 32 fits at once: no pieces.
+CUDA = Runtime("onnxruntime-cuda", chunk=0)
 FASTER_IN_FP32 = {"audio_encoder": (OPENVINO_FP32, "fp32 (OpenVINO: faster than onnxruntime for whisper)")}
 
 
@@ -42,9 +55,58 @@ class Choice:
     why: str  # "fp32 (bf16 gated but this CPU has no native bf16)"
 
 
-def choose(onnx_repository: Path, precision: str | None = None,
-           capabilities: set[str] | None = None) -> dict[str, Choice]:
+def choose(onnx_repository: Path, precision: str | None = None, capabilities: set[str] | None = None,
+           device: str | None = None) -> dict[str, Choice]:
     """Every network's runtime and the reason for it."""
+    device = device or os.environ.get(DEVICE, "auto")
+    if device not in DEVICES:
+        raise ValueError(f"{DEVICE}={device!r}: use one of {', '.join(DEVICES)}")
+    if device == "cuda":
+        return {n: Choice(CUDA, f"onnxruntime CUDA fp32 on GPU 0 ({DEVICE}=cuda)") for n in NETWORKS}
+    not_on_gpu = ""
+    if device == "auto" and gpu_visible():
+        not_on_gpu = cuda_problem(model_path(onnx_repository, "positional_encoding"))
+        if not not_on_gpu:
+            return {n: Choice(CUDA, "onnxruntime CUDA fp32 on GPU 0 (an NVIDIA GPU is usable)") for n in NETWORKS}
+    choices = _on_the_cpu(onnx_repository, precision, capabilities)
+    if not_on_gpu:
+        return {n: Choice(c.runtime, f"{c.why}; not on the GPU: {not_on_gpu}") for n, c in choices.items()}
+    return choices
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU's device files are here (the driver is loaded and a GPU is passed through)."""
+    return Path("/dev/nvidiactl").exists() and any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+# Run in the server environment: can onnxruntime put a model on the GPU there?
+_PROBE = """
+import sys, onnxruntime as ort
+ort.preload_dlls()
+session = ort.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider"])
+print("PROVIDER", session.get_providers()[0])
+"""
+
+
+@cache
+def cuda_problem(onnx_file: Path) -> str:
+    """"" where the server environment's onnxruntime runs `onnx_file` on the GPU; else why not."""
+    environment = ServerEnvironment()
+    try:
+        out = subprocess.run([str(environment.venv / "bin" / "python"), "-c", _PROBE, str(onnx_file)],
+                             capture_output=True, text=True, timeout=120, env=environment.process_env())
+    except (OSError, subprocess.TimeoutExpired) as failed:
+        return f"the probe of {environment.venv} failed: {failed}"
+    if "PROVIDER CUDAExecutionProvider" in out.stdout:
+        return ""
+    said = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr).splitlines()
+    reason = next((line.strip() for line in said if "Failed to" in line or "not in available" in line),
+                  said[-1].strip() if said else "no CUDA provider")
+    return (f"{environment.venv}'s onnxruntime cannot use it ({reason[:240]}); install "
+            f"onnxruntime-gpu[cuda,cudnn] there, or set {DEVICE}=cpu to stop trying")
+
+
+def _on_the_cpu(onnx_repository: Path, precision: str | None, capabilities: set[str] | None) -> dict[str, Choice]:
     precision = precision or os.environ.get(PRECISION, "auto")
     if precision not in CHOICES:
         raise ValueError(f"{PRECISION}={precision!r}: use one of {', '.join(CHOICES)}")
@@ -85,8 +147,10 @@ def _gate(path: Path) -> tuple[bool, str] | None:
 
 
 def describe(choices: dict[str, Choice]) -> str:
-    """The startup lines: the CPU, and per model what runs and why ("unet: fp32 (bf16 gated but
-    this CPU has no native bf16)")."""
+    """The startup lines: the CPU (or GPU), and per model what runs and why ("unet: fp32 (bf16
+    gated but this CPU has no native bf16)")."""
+    if all(choice.runtime == CUDA for choice in choices.values()):
+        return "\n".join(["on the GPU:", *(f"  {name}: {choice.why}" for name, choice in choices.items())])
     told = os.environ.get(cpu.OVERRIDE)
     machine = cpu.describe() + (f", taken to do only {told} ({cpu.OVERRIDE})" if told else "")
     return "\n".join([f"on {machine}:", *(f"  {name}: {choice.why}" for name, choice in choices.items())])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -91,16 +92,21 @@ class ServerEnvironment:
         python = self.venv / "bin" / "python"
         if not python.exists():
             raise ServerError(f"no server environment at {self.venv}: run `make triton-env` first")
+        # Found, not imported: importing pytriton needs its client's packages, which the
+        # server (tritonserver and the stub) never uses.
         probe = (
-            "import json, sys, sysconfig, pytriton, pathlib;"
+            "import json, sys, sysconfig, importlib.util;"
+            "spec = importlib.util.find_spec('pytriton');"
             "print(json.dumps({'libdir': sysconfig.get_config_var('LIBDIR'),"
             "'version': f'{sys.version_info.major}.{sys.version_info.minor}',"
-            "'pytriton': str(pathlib.Path(pytriton.__file__).parent)}))"
+            "'pytriton': spec.submodule_search_locations[0] if spec else None}))"
         )
         out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-        if out.returncode:
-            raise ServerError(f"{self.venv} lacks nvidia-pytriton: {out.stderr.strip()[-500:]}")
-        return json.loads(out.stdout)
+        facts = json.loads(out.stdout) if not out.returncode else {}
+        if not facts.get("pytriton"):
+            raise ServerError(f"{self.venv} lacks nvidia-pytriton: run `make triton-env` "
+                              f"{out.stderr.strip()[-500:]}")
+        return facts
 
     @property
     def server_dir(self) -> Path:
@@ -207,7 +213,7 @@ class LocalTriton:
         if (code := self.process.poll()) is not None:
             self.stop()
             raise ServerError(
-                f"tritonserver exited with code {code}; "
+                f"tritonserver exited with code {code}; {self.load_failures()}"
                 f"last lines of {self.log_file}:\n{self.log_tail()}"
             )
         self.stop()
@@ -244,6 +250,18 @@ class LocalTriton:
             return 0
         root = psutil.Process(self.process.pid)
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+    def load_failures(self) -> str:
+        """"models that failed to load:\n  unet: <why>\n" from the log (before its tail's tables)."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        failed = {name: why.split("\\n")[0] for name, why in
+                  re.findall(r"failed to load '([^']+)' version \d+: (.*)", text)}
+        if not failed:
+            return ""
+        return "models that failed to load:\n" + "".join(f"  {name}: {why}\n" for name, why in failed.items())
 
     def log_tail(self, lines: int = 30) -> str:
         try:
