@@ -208,7 +208,7 @@ class OnnxruntimeOnDevice:
             self.session.run_with_iobinding(binding, run_options)
             binding.synchronize_outputs()
 
-        if graph:  # onnxruntime runs once plainly (allocating), then captures: both before any timing
-            call()
-            call()
+        if graph:  # onnxruntime runs plainly (allocating) before it captures: all before any timing
+            for _ in range(3):
+                call()
         return Bound(call, lambda: [t.cpu().numpy() for t in results], binding, feeds, results)

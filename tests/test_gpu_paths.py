@@ -129,3 +129,16 @@ def test_asked_for_a_gpu_where_none_is_the_server_says_why(tiny_onnx, monkeypatc
     monkeypatch.setenv("MUSETALK_LOCAL_DEVICE", "cuda")
     with pytest.raises(ServerError, match="onnxruntime could not use CUDA"):
         start(tiny_onnx, Ports.free(), BUILD / "triton_repository_cuda", progress=False)
+
+
+def test_a_gpu_the_server_environment_cannot_use_leaves_the_models_on_the_cpu(tiny_onnx, monkeypatch):
+    """`auto` with a GPU in sight probes the server environment for real (here its onnxruntime-gpu
+    finds no CUDA libraries): the models stay on the CPU and the startup lines say why, once."""
+    from triton_local import runtimes
+
+    monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)  # this machine has none to see
+    choices = choose(tiny_onnx)
+    assert all(c.runtime != CUDA for c in choices.values())
+    lines = describe(choices).splitlines()
+    (why,) = [line for line in lines if "not on the GPU" in line]
+    assert "onnxruntime-gpu[cuda,cudnn]" in why and "MUSETALK_LOCAL_DEVICE=cpu" in why

@@ -44,6 +44,7 @@ OPENVINO_FP32 = Runtime("openvino", "f32")
 REFERENCE = Runtime()
 DEVICE = "MUSETALK_LOCAL_DEVICE"
 DEVICES = ("auto", "cpu", "cuda")
+NOT_ON_GPU = "; not on the GPU: "
 # On a GPU a batch of 32 fits at once: no pieces.
 CUDA = Runtime("onnxruntime-cuda", chunk=0)
 FASTER_IN_FP32 = {"audio_encoder": (OPENVINO_FP32, "fp32 (OpenVINO: faster than onnxruntime for whisper)")}
@@ -70,7 +71,7 @@ def choose(onnx_repository: Path, precision: str | None = None, capabilities: se
             return {n: Choice(CUDA, "onnxruntime CUDA fp32 on GPU 0 (an NVIDIA GPU is usable)") for n in NETWORKS}
     choices = _on_the_cpu(onnx_repository, precision, capabilities)
     if not_on_gpu:
-        return {n: Choice(c.runtime, f"{c.why}; not on the GPU: {not_on_gpu}") for n, c in choices.items()}
+        return {n: Choice(c.runtime, f"{c.why}{NOT_ON_GPU}{not_on_gpu}") for n, c in choices.items()}
     return choices
 
 
@@ -148,9 +149,12 @@ def _gate(path: Path) -> tuple[bool, str] | None:
 
 def describe(choices: dict[str, Choice]) -> str:
     """The startup lines: the CPU (or GPU), and per model what runs and why ("unet: fp32 (bf16
-    gated but this CPU has no native bf16)")."""
+    gated but this CPU has no native bf16)"); why not the GPU, once, where one is visible."""
     if all(choice.runtime == CUDA for choice in choices.values()):
         return "\n".join(["on the GPU:", *(f"  {name}: {choice.why}" for name, choice in choices.items())])
     told = os.environ.get(cpu.OVERRIDE)
     machine = cpu.describe() + (f", taken to do only {told} ({cpu.OVERRIDE})" if told else "")
-    return "\n".join([f"on {machine}:", *(f"  {name}: {choice.why}" for name, choice in choices.items())])
+    whys = {name: choice.why.partition(NOT_ON_GPU) for name, choice in choices.items()}
+    gpu = {reason for _, cut, reason in whys.values() if cut}
+    return "\n".join([f"on {machine}:", *(f"  {name}: {why}" for name, (why, _, _) in whys.items()),
+                      *(f"  not on the GPU: {reason}" for reason in gpu)])
