@@ -79,10 +79,13 @@ def test_generations_beyond_capacity_wait_briefly_then_get_429_with_retry_after(
 
 def test_liveness_and_readiness_answer_at_once_under_load(tight, speech_bytes):
     stop = threading.Event()
+    generations = []  # seconds each admitted generation took, in this same run
 
     def load():
         while not stop.is_set():
-            generate(tight.url, speech_bytes)
+            started = time.monotonic()
+            if generate(tight.url, speech_bytes).status_code == 200:
+                generations.append(time.monotonic() - started)
 
     with ThreadPoolExecutor(4) as pool:
         for _ in range(4):
@@ -98,10 +101,12 @@ def test_liveness_and_readiness_answer_at_once_under_load(tight, speech_bytes):
                 time.sleep(0.1)
         finally:
             stop.set()
-    # A probe answers from the event loop in milliseconds (measured 5-40 ms under this load); a
-    # probe that queued behind a generation would take seconds. 0.5 s is the margin for a slower
-    # machine, far from either.
-    assert slowest < 0.5, f"a probe took {slowest:.2f} s under load"
+    # A probe answers from the event loop (5-40 ms under this load on 2 cores, 0.73 s once on a
+    # machine busy with more); one that queued behind a generation would take a generation's time.
+    # The bound is that relation, measured in the same run: a quarter of the quickest generation.
+    assert generations, "no generation was admitted during the load"
+    assert slowest < min(generations) / 4, \
+        f"a probe took {slowest:.2f} s under load; the quickest generation {min(generations):.2f} s"
 
 
 def test_a_chunked_body_ten_times_the_limit_is_refused_while_it_streams(tight):
