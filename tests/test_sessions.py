@@ -215,15 +215,23 @@ def test_an_early_interrupt_keeps_events_in_order_and_cancels_requests_on_triton
         await session.close()
         return speech.seen, status
 
-    skipped = skipped_by_triton(triton.grpc_url)
-    seen, status = run(scenario())
-    speech_events = [e for e in seen if e["type"] in ("speech_started", "speech_finished")]
-    first = [(e["type"], e.get("played_seconds")) for e in speech_events if e["segment"] == 1]
-    assert first in ([("speech_finished", 0.0)], [("speech_started", None), ("speech_finished", first[-1][1])])
-    assert [e["type"] for e in speech_events if e["segment"] == 2] == ["speech_started", "speech_finished"]
-    assert status["segments"] == {"played": 1, "interrupted": 1, "queued": 0}
-    settled_count(triton.grpc_url, "vae_decoder")
-    assert skipped_by_triton(triton.grpc_url) > skipped, "no cancelled request was skipped by Triton"
+    # Whether a cancelled request was still before its vae_decoder step when the interrupt came is
+    # a race with the server (a tiny batch crosses the unet in milliseconds): a few early
+    # interrupts, each checked in full, and Triton must have skipped a step in one of them. Without
+    # cancellation it never would.
+    for _attempt in range(3):
+        skipped = skipped_by_triton(triton.grpc_url)
+        seen, status = run(scenario())
+        speech_events = [e for e in seen if e["type"] in ("speech_started", "speech_finished")]
+        first = [(e["type"], e.get("played_seconds")) for e in speech_events if e["segment"] == 1]
+        assert first in ([("speech_finished", 0.0)], [("speech_started", None), ("speech_finished", first[-1][1])])
+        assert [e["type"] for e in speech_events if e["segment"] == 2] == ["speech_started", "speech_finished"]
+        assert status["segments"] == {"played": 1, "interrupted": 1, "queued": 0}
+        settled_count(triton.grpc_url, "vae_decoder")
+        if skipped_by_triton(triton.grpc_url) > skipped:
+            break
+    else:
+        raise AssertionError("in three early interrupts, no cancelled request was skipped by Triton")
 
 
 @pytest.mark.parametrize("fps", [7, 29])
