@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import psutil
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"
@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args, rows: list[dict]) -> None:
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"avatar_preparation_{args.profile}_cpu.md"
     stages = list(rows[0]["stages_s"])
     lines = [f"# Avatar preparation ({args.profile} profile)", "",
@@ -174,9 +173,7 @@ def write(args, rows: list[dict]) -> None:
               "| lowest PSNR vs raw-frame composition dB |", "|---|---|---|---|---|"]
     lines += [f"| {r['resolution']} | {r['disk_mb']} | {r['raw_frames_mb']} | {r['rss_before_mb']} / "
               f"{r['rss_prepared_mb']} / {r['rss_after_generation_mb']} | {r['min_psnr_db']} |" for r in rows]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, rows)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 import psutil
 import soundfile
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from benchmarks.streaming import local_stack
 from client.sessions import AvatarSession
 
@@ -360,7 +359,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(args, argv, r: dict) -> None:
     label = args.label or f"{args.profile}_cpu"
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"conversation_{label}.md"
     lines = [f"# Conversational sessions ({args.profile} profile)", "",
              f"- produced by: `{invocation('benchmarks.conversation', argv)}`", f"- machine: {machine()}",
@@ -402,9 +400,7 @@ def write(args, argv, r: dict) -> None:
               "Triton |", "|---|---|---|---|---|---|",
               f"| {c['fps']} | {c['speech_frames']} | {c['faces_generated']} | {c['silent_frames_skipped']} | "
               f"{c['saved_percent']}% | {c['musetalk_inferences_on_triton']} |"]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(r, indent=1))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, r)}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 import soundfile
 
 from benchmarks.conversation import Watch, opened, percentiles, send, speech_pcm
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from client.sessions import AvatarSession
 from stack.balancer import LocalBalancer
 from stack.exports import ensure_exported
@@ -247,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args, argv, r: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"deployment_{args.label}.md"
     rows = r["speech_start"]
     agent, direct = r["agent"], r["direct"]
@@ -292,9 +291,7 @@ def write(args, argv, r: dict) -> None:
               "speaking again after Triton was ready |", "|---|---|---|---|",
               f"| {tr['error_event_after_kill_ms']} ms | {tr['frontend_ready_after_triton_ms']} ms | "
               f"{tr['speech_start_after_restart_ms']} ms | {tr['speaking_again_after_triton_ready_ms']} ms |"]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(r, indent=1))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, r)}")
 
 
 if __name__ == "__main__":

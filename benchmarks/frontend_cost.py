@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from contract import specs
 from frontend.avatars.blending import blend_mask
 from frontend.avatars.faces import LandmarkFinder, face_box
@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(best)
             print(f"{count:3d} frames {preset:10s} {json.dumps(best['ms_per_frame'])} total "
                   f"{best['total_ms_per_frame']} ms/frame ({best['video_bytes'] / 1e3:.0f} kB)", flush=True)
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"frontend_cost_{args.width}x{args.height}.md"
     lines = [f"# Front-end cost per frame, {args.width}x{args.height} avatar, one core", "",
              f"- produced by: `{command_line}`", f"- machine: {machine()}", f"- date: {time.strftime('%Y-%m-%d')}",
@@ -151,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['ms_per_frame']['audio_features']} | {r['ms_per_frame']['frame_and_blending']} | "
               f"{r['ms_per_frame']['encoding']} | {r['total_ms_per_frame']} | {r['video_bytes'] / 1e3:.0f} |"
               for r in rows]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, rows)}")
     return 0
 
 

@@ -14,13 +14,12 @@ encoder, not whisper's (whose attention is more local); they show the trend.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from contract.layout import model_path
 from contract.runners import open_runner
 from frontend.speech import audio
@@ -92,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
                      "runs_per_second": round(runs / long.seconds, 2),
                      "audio_waited_ms": f"{waits * 1000:.0f} to {(waits + HOP_S) * 1000:.0f}"})
         print(rows[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"live_features_{args.label}.md"
     lines = [f"# Live audio windows against the whole-clip path ({args.label} synthetic encoder)", "",
              f"- produced by: `{invocation('benchmarks.live_features', argv)}`", f"- machine: {machine()}",
@@ -106,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['lookahead_ms']} | {r['rel_l2']} | {r['worst_frame_rel_l2']} | {r['encoder_runs']} | "
               f"{r['runs_per_second']} | {r['audio_waited_ms']} |" for r in rows]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "encoder_ms": run_ms}, indent=1))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, {'rows': rows, 'encoder_ms': run_ms})}")
     return 0
 
 

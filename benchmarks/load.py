@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import soundfile
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from benchmarks.streaming import local_stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -300,7 +300,6 @@ def memory_trend(points: list[tuple[float, float]]) -> dict:
 
 
 def write(args, argv, results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"load_{args.label}.md"
     lines = [f"# Load ({args.label})", "", f"- produced by: `{invocation('benchmarks.load', argv)}`",
              f"- machine: {machine()}", f"- date: {time.strftime('%Y-%m-%d')}",
@@ -338,9 +337,7 @@ def write(args, argv, results: dict) -> None:
     if "left_behind" in results:
         lines += ["", "Processes left behind once the stack stopped: "
                   + (", ".join(results["left_behind"]) or "**none**") + "."]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, results)}")
 
 
 if __name__ == "__main__":

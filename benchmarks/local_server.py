@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.perf_analyzer import sweep
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from client import MuseTalkClient
 from contract import specs
 from contract.layout import model_path
@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     reference = rows[0]["ms_per_frame"]
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"local_server_{args.label}.md"
     lines = [
         f"# The local server beside the runtime under it ({args.label})", "",
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{r['ms_per_frame']:.3g} | {r['ms_per_frame'] / reference:.2f}x |" for r in rows]
     lines += ["", "perf_analyzer (tritonclient 2.51.0): " + ", ".join(f"`{r['command']}`" for r in rows
                                                                  if "command" in r)] if args.perf_analyzer else []
-    path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    print(f"results: {path}")
+    print(f"results: {publish(path, lines, rows)}")
     return 0
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.backends import Backend, OnnxruntimeOnDevice, on_host, pytorch
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from contract.layout import model_path
 from contract.runners import Runner, open_runner
 from export.checkpoints import WeightSource
@@ -204,7 +204,6 @@ def core_rows(rows: list[dict]) -> list[dict]:
 
 
 def write(rows: list[dict], core: list[dict], args, command_line: str, cuda: bool) -> Path:
-    args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"onnx_vs_pytorch_{args.profile}_{'cuda' if cuda else 'cpu'}"
     versions = _versions(cuda)
     header = [f"# ONNX vs PyTorch ({args.profile} profile, {'CUDA' if cuda else 'CPU'})", "",
@@ -231,9 +230,7 @@ def write(rows: list[dict], core: list[dict], args, command_line: str, cuda: boo
     lines += [f"| {r['network']} | {r['batch']} | {r['backend']} | {_ms(r['ms_per_call'])} | "
               f"{_ms(r['ms_per_frame'])} | {r['speedup']:.2f}x | "
               f"{_error_text(r)} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "core": core}, indent=2))
-    return stem.with_suffix(".md")
+    return publish(stem.with_suffix(".md"), lines, {"rows": rows, "core": core})
 
 
 def _versions(cuda: bool) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import shlex
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from contract import specs
 from triton_local.server import BUILD, ServerEnvironment, http_url_beside, relink
 
@@ -149,7 +148,6 @@ def average_batches(before: dict, after: dict) -> dict[str, float]:
 
 
 def write_results(rows: list[dict], label: str, command_line: str) -> Path:
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"perf_analyzer_{label}.md"
     lines = [
         f"# perf_analyzer: {label}", "",
@@ -164,9 +162,7 @@ def write_results(rows: list[dict], label: str, command_line: str) -> Path:
         f"{r.get('average_batch', {}).get('unet', '')} |" for r in rows
     ] + ["", "Commands (perf_analyzer from tritonclient 2.51.0):", ""] + \
         sorted({f"    perf_analyzer {r['command']}" for r in rows})
-    path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    return path
+    return publish(path, lines, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """What every committed result records: the machine it ran on and the command that made it."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from contract import cpu
 
@@ -35,3 +37,11 @@ def invocation(module: str, argv: list[str] | None) -> str:
     """The command line that reproduces this run."""
     args = shlex.join(argv if argv is not None else sys.argv[1:])
     return f"python -m {module}" + (f" {args}" if args else "")
+
+
+def publish(table: Path, lines: list[str], data) -> Path:
+    """Write a result: the Markdown `table` (its lines) and the same figures as JSON beside it."""
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(lines) + "\n")
+    table.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    return table

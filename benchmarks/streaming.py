@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import soundfile
 
-from benchmarks.provenance import invocation, machine
+from benchmarks.provenance import invocation, machine, publish
 from frontend.video import fmp4
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -200,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(args, ttff: list[dict], live: list[dict], many: list[dict]) -> None:
     label = args.label or f"{args.profile}_cpu"
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"streaming_{label}.md"
     whole, streamed = (next(r for r in ttff if r["answer"] == k) for k in ("whole", "stream"))
     lines = [f"# Streaming ({args.profile} profile)", "",
@@ -221,9 +220,7 @@ def write(args, ttff: list[dict], live: list[dict], many: list[dict]) -> None:
               "| average unet batch |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['sessions']} | {r['p50_ms']} | {r['p95_ms']} | {r['total_frames_per_second']} | "
               f"{r['lag_at_end_s']} | {r['avg_unet_batch']} |" for r in many]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"ttff": ttff, "live": live, "sessions": many}, indent=1))
-    print(f"results: {out}")
+    print(f"results: {publish(out, lines, {'ttff': ttff, 'live': live, 'sessions': many})}")
 
 
 if __name__ == "__main__":

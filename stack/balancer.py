@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, dying_with_parent, free_port, listening
+from triton_local.server import BUILD, dying_with_parent, end, free_port, listening
 
 
 class BalancerError(RuntimeError):
@@ -82,14 +82,8 @@ http {{
         return self
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        end(self.process)
+        self.process = None
 
     def __enter__(self) -> LocalBalancer:
         return self.start()

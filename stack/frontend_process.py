@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, ServerError, dying_with_parent, http_ok
+from triton_local.server import BUILD, ServerError, dying_with_parent, end, http_ok
 
 
 class FrontEnd:
@@ -46,9 +46,4 @@ class FrontEnd:
                         give_up=lambda: self.process.poll() is not None)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        end(self.process, grace_s=15)

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, dying_with_parent, free_port
+from triton_local.server import BUILD, dying_with_parent, end, free_port
 
 RELAY_PORTS = 40
 
@@ -104,14 +104,8 @@ class LocalTurn:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        end(self.process)
+        self.process = None
 
     def __enter__(self) -> LocalTurn:
         return self.start()

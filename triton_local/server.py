@@ -1,7 +1,7 @@
 """Start and stop a real tritonserver on a machine without a GPU or Docker.
 
 The binary comes from the nvidia-pytriton wheel installed in the server's own
-environment (.venv-triton: numpy<2, onnxruntime, openvino). docs/deploy/local-server.md
+environment (.venv-triton: numpy<2, onnxruntime-gpu, openvino). docs/deploy/local-server.md
 lists every pitfall handled here, numbered as the comments below cite them.
 
 The server leaves nothing behind, whichever way it stops: stop() ends the whole
@@ -296,6 +296,18 @@ def dying_with_parent(command: list[str]) -> tuple[list[str], Callable[[], None]
     if setpriv:
         return [setpriv, "--pdeathsig", "TERM", "--", *command], None
     return command, die_with_parent
+
+
+def end(process: subprocess.Popen | None, grace_s: float = 5.0) -> None:
+    """Ask `process` to stop (SIGTERM); after `grace_s`, make it (SIGKILL). Either way reaped."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _signal_group(group: int, sig: int) -> None:
