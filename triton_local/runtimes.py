@@ -80,13 +80,16 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() and any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-# Run in the server environment: can onnxruntime put a model on the GPU there?
+# Run in the server environment: does the runner its models would get open a model on the
+# GPU there? (the same code as python_model.py runs, so the probe cannot pass where it fails)
 _PROBE = """
-import sys, onnxruntime as ort
-ort.preload_dlls()
-session = ort.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider"])
-print("PROVIDER", session.get_providers()[0])
+import sys
+sys.path.insert(0, sys.argv[1])
+from contract.runners import cuda_runner
+cuda_runner(sys.argv[2])
+print("PROVIDER CUDAExecutionProvider")
 """
+REPO = Path(__file__).resolve().parents[1]
 
 
 @cache
@@ -94,7 +97,7 @@ def cuda_problem(onnx_file: Path) -> str:
     """"" where the server environment's onnxruntime runs `onnx_file` on the GPU; else why not."""
     environment = ServerEnvironment()
     try:
-        out = subprocess.run([str(environment.venv / "bin" / "python"), "-c", _PROBE, str(onnx_file)],
+        out = subprocess.run([str(environment.venv / "bin" / "python"), "-c", _PROBE, str(REPO), str(onnx_file)],
                              capture_output=True, text=True, timeout=120, env=environment.process_env())
     except (OSError, subprocess.TimeoutExpired) as failed:
         return f"the probe of {environment.venv} failed: {failed}"
