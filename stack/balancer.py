@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, dying_with_parent, end, free_port, listening
+from triton_local.server import BUILD, end, free_port, listening, start_child
 
 
 class BalancerError(RuntimeError):
@@ -71,8 +71,8 @@ http {{
         conf.write_text(self.config())
         output = self.folder / "nginx.out"
         with output.open("wb") as out:
-            command, preexec = dying_with_parent([binary, "-c", str(conf), "-p", str(self.folder)])
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+            self.process = start_child([binary, "-c", str(conf), "-p", str(self.folder)],
+                                       stdout=out, stderr=subprocess.STDOUT)
         if not wait_for(lambda: listening(self.port), timeout, 0.05, give_up=lambda: self.process.poll() is not None):
             code = self.process.poll()
             self.stop()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, ServerError, dying_with_parent, end, http_ok
+from triton_local.server import BUILD, ServerError, end, http_ok, start_child
 
 
 class FrontEnd:
@@ -30,10 +30,8 @@ class FrontEnd:
     def start(self, timeout: float = 60) -> FrontEnd:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("wb") as log:
-            command, preexec = dying_with_parent(
-                [sys.executable, "-m", "frontend", "--host", self.host, "--port", str(self.port)])
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            preexec_fn=preexec)
+            self.process = start_child([sys.executable, "-m", "frontend", "--host", self.host, "--port",
+                                        str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=self.env)
         if wait_for(lambda: http_ok(f"{self.url}/healthz"), timeout, 0.2,
                     give_up=lambda: self.process.poll() is not None):
             return self

@@ -17,7 +17,7 @@ from pathlib import Path
 from stack.exports import PROFILES
 from stack.serve import start
 from triton_local.launch import serve_until_stopped
-from triton_local.server import BUILD, dying_with_parent
+from triton_local.server import BUILD, start_child
 
 PIPECAT_PYTHON = Path(__file__).resolve().parent.parent / ".venv-pipecat" / "bin" / "python"
 
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the front end never became ready; see {frontend.log_file}", file=sys.stderr)
             return 1
         log = (BUILD / "talk.log").open("wb")
-        command, preexec = dying_with_parent([str(PIPECAT_PYTHON), "-m", "musetalk_pipecat.talk", "--frontend",
-                                              frontend.url, "--fps", str(args.fps), "--port", str(args.bot_port)])
-        bot = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        bot = start_child([str(PIPECAT_PYTHON), "-m", "musetalk_pipecat.talk", "--frontend", frontend.url,
+                           "--fps", str(args.fps), "--port", str(args.bot_port)],
+                          stdout=log, stderr=subprocess.STDOUT)
         print(f"talk to the avatar: http://localhost:{args.bot_port}/ (Connect, then speak; it says back "
               f"what you said)\nfront end {frontend.url}; logs {frontend.log_file}, {BUILD / 'talk.log'}\n"
               "Ctrl-C stops everything.", flush=True)

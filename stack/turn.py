@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, dying_with_parent, end, free_port
+from triton_local.server import BUILD, end, free_port, start_child
 
 RELAY_PORTS = 40
 
@@ -76,8 +76,7 @@ class LocalTurn:
         conf = self.folder / "turnserver.conf"
         conf.write_text(self.config(free_udp_range(RELAY_PORTS)))
         with self.log_file.open("wb") as log:
-            command, preexec = dying_with_parent([binary, "-c", str(conf)])
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+            self.process = start_child([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         if not wait_for(self._listening, timeout, 0.1, give_up=lambda: self.process.poll() is not None):
             self.stop()
             raise TurnError(f"turnserver did not start:\n{self.log_tail()}")

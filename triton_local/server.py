@@ -198,11 +198,8 @@ class LocalTriton:
         with self.log_file.open("wb") as log:
             # A session of its own: stop() signals the whole group, stubs included. And it
             # dies with this process, however that ends (Ctrl-C, kill, a crash).
-            command, preexec = dying_with_parent(self.command())
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT,
-                env=self.environment.process_env(), start_new_session=True, preexec_fn=preexec,
-            )
+            self.process = start_child(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                       env=self.environment.process_env(), start_new_session=True)
         def ready() -> bool:
             if on_wait:
                 on_wait()
@@ -286,16 +283,17 @@ def die_with_parent() -> None:
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def dying_with_parent(command: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """(command, preexec_fn) for Popen: the process gets SIGTERM when the thread that started it
-    ends, however that ends. Through util-linux's setpriv where there is one, which sets that in
-    the child and then execs the command: Python's preexec_fn runs Python code between fork and
-    exec, which a process with gRPC threads (a client) cannot always survive (gRPC's fork
-    handlers abort the child: seen starting nginx from the test process)."""
+def start_child(command: list[str], **popen) -> subprocess.Popen:
+    """Popen(command, **popen) for a process that gets SIGTERM when the thread that started it
+    ends, however that ends (`end` stops it sooner). Through util-linux's setpriv where there
+    is one, which sets that in the child and then execs the command: Python's preexec_fn runs
+    Python code between fork and exec, which a process with gRPC threads (a client) cannot
+    always survive (gRPC's fork handlers abort the child: seen starting nginx from the test
+    process)."""
     setpriv = shutil.which("setpriv")
     if setpriv:
-        return [setpriv, "--pdeathsig", "TERM", "--", *command], None
-    return command, die_with_parent
+        return subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *command], **popen)
+    return subprocess.Popen(command, preexec_fn=die_with_parent, **popen)
 
 
 def end(process: subprocess.Popen | None, grace_s: float = 5.0) -> None:
