@@ -1,15 +1,22 @@
 """MkDocs hooks (mkdocs.yml): the reference pages are made from the code as the site is built.
 
-    <!-- openapi -->   the HTTP API, from the service's own OpenAPI schema, and its WebSockets
-    <!-- settings -->  every MUSETALK_* setting, from frontend/settings.py
+    <!-- openapi -->        the HTTP API, from the service's own OpenAPI schema, and its WebSockets
+    <!-- settings -->       every MUSETALK_* setting, from frontend/settings.py
+    <!-- result: NAME -->   a benchmark's result, benchmarks/results/NAME.md (its tables, the command
+                            that made them, the machine and the date), as the benchmark wrote it
 
-So the reference cannot drift from the service: a route or a setting that changes changes them.
+So the reference cannot drift from the service, nor a figure from its result: a route, a setting
+or a result that changes changes them.
 """
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "benchmarks" / "results"
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
@@ -17,7 +24,16 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace("<!-- openapi -->", api_reference())
     if "<!-- settings -->" in markdown:
         markdown = markdown.replace("<!-- settings -->", settings_reference())
-    return markdown
+    return re.sub(r"<!-- result: ([\w.-]+) -->", lambda m: result(m.group(1)), markdown)
+
+
+def result(name: str, deeper: int = 2) -> str:
+    """A result file without its title, its headings `deeper` levels down (under the page's own)."""
+    path = RESULTS / f"{name}.md"
+    if not path.is_file():
+        raise FileNotFoundError(f"the docs include {path}, which no benchmark has written")
+    lines = path.read_text().splitlines()[1:]
+    return "\n".join("#" * deeper + line if line.startswith("#") else line for line in lines)
 
 
 def _app():

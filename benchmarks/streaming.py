@@ -145,7 +145,7 @@ def sessions_at_once(url: str, pcm: bytes, rate: int, count: int, triton_http: s
 # -- running it ----------------------------------------------------------------------------
 def local_stack(profile: str, env: dict[str, str] | None = None):
     from stack.exports import ensure_exported
-    from stack.frontend_process import FrontEnd
+    from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
     from stack.serve import default_avatar_source
     from triton_local.launch import start
     from triton_local.server import BUILD, Ports, free_port
@@ -153,7 +153,8 @@ def local_stack(profile: str, env: dict[str, str] | None = None):
     repository = ensure_exported(profile)
     server = start(repository, Ports.free(), target=BUILD / "bench_triton", progress=False)
     frontend = FrontEnd(server.grpc_url, free_port(), host="127.0.0.1", log_file=BUILD / "bench_frontend.log", env={
-        "MUSETALK_AVATAR_DIR": str(BUILD / f"bench_avatars-{profile}"), "MUSETALK_MAX_LIVE_SESSIONS": "16",
+        **LOCAL_SERVER_SETTINGS, "MUSETALK_AVATAR_DIR": str(BUILD / f"bench_avatars-{profile}"),
+        "MUSETALK_MAX_LIVE_SESSIONS": "16",
         "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(), **(env or {})}).start()
     if not frontend.wait_until_ready(1800):
         raise SystemExit(f"the front end never became ready; see {frontend.log_file}")

@@ -78,27 +78,28 @@ class AsyncMuseTalkClient(NamedCalls):
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], priority: int = 0) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs`; `priority` as the named calls' (contract.priority)."""
         spec, parts = split(model, inputs)
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def send(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             async with gate:
-                return await self._send(model, spec, part)
+                return await self._send(model, spec, part, priority)
 
         return merge(await asyncio.gather(*(send(p) for p in parts)))
 
-    async def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray) -> np.ndarray:
+    async def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray, priority: int = 0) -> np.ndarray:
         names = [t.name for t in spec.inputs]
-        return (await self.infer(spec.name, dict(zip(names, arrays))))[spec.outputs[0].name]
+        return (await self.infer(spec.name, dict(zip(names, arrays)), priority))[spec.outputs[0].name]
 
-    async def _send(self, model, spec, arrays) -> dict[str, np.ndarray]:
+    async def _send(self, model, spec, arrays, priority: int = 0) -> dict[str, np.ndarray]:
         ticket = self.deadlines.start(model, len(next(iter(arrays.values()))))
         try:
             inputs = make_inputs(self._module, arrays)
             outputs = make_outputs(self._module, spec)
             result = await self._client.infer(model, inputs, outputs=outputs,
-                                              **infer_kwargs(self.protocol, ticket.deadline_s))
+                                              **infer_kwargs(self.protocol, ticket.deadline_s, priority))
             outputs = read_outputs(result, spec)
         except BaseException as error:  # noqa: BLE001 - cancelled too: the ticket ends either way
             self.deadlines.finish(ticket, answered=False)

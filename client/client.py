@@ -56,11 +56,14 @@ class MuseTalkClient(NamedCalls):
             (client.deadlines); `client.deadlines.seconds_per_item(model)` reads that pace.
             Over HTTP it bounds the connection's reads (default client.deadlines.UNKNOWN_S).
         shared_memory: pass tensors through system shared memory (same host only).
+        priorities: send each call's `priority` (False: every request at the models' default
+            level, whatever the calls say: to compare, or for a server without priority levels).
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", max_in_flight: int = 4,
-                 timeout_s: float | None = None, shared_memory: bool = False):
+                 timeout_s: float | None = None, shared_memory: bool = False, priorities: bool = True):
         self.protocol = protocol
+        self.priorities = priorities
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
         self.deadlines = Deadlines(timeout_s)
@@ -114,17 +117,19 @@ class MuseTalkClient(NamedCalls):
             return False
 
     # -- inference ------------------------------------------------------------------------
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `model` on `inputs` (name -> array with a leading batch axis); outputs by name."""
+    def infer(self, model: str, inputs: dict[str, np.ndarray], priority: int = 0) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs` (name -> array with a leading batch axis); outputs by name.
+        `priority`: the request's level in Triton's queues (contract.priority; 0: the model's default)."""
         spec, parts = split(model, inputs)
         if len(parts) == 1:
-            return self._send(model, spec, parts[0])
-        futures = [self._pool.submit(self._send, model, spec, part) for part in parts]
+            return self._send(model, spec, parts[0], priority)
+        futures = [self._pool.submit(self._send, model, spec, part, priority) for part in parts]
         return merge([f.result() for f in futures])
 
-    def submit(self, call: Callable[..., T], *args) -> Future:
+    def submit(self, call: Callable[..., T], *args, priority: int = 0) -> Future:
         """Start `call(*args)` (e.g. `client.musetalk, audio, latents`) and return its Future:
-        keep several requests in flight without threads of your own.
+        keep several requests in flight without threads of your own. `priority` goes with a
+        named call's request (contract.priority).
 
         A named call of this client over gRPC (without shared memory) is sent with
         tritonclient's asynchronous gRPC call, and `future.cancel()` cancels it on the server
@@ -137,10 +142,12 @@ class MuseTalkClient(NamedCalls):
         the client."""
         model = _named_model(self, call)
         if model is not None and self.protocol == "grpc" and not self.shared_memory:
-            return self._start(specs.MODELS[model], args)
+            return self._start(specs.MODELS[model], args, priority)
+        if model is not None:
+            return self._submitted.submit(call, *args, priority=priority)
         return self._submitted.submit(call, *args)
 
-    def _start(self, spec: specs.ModelSpec, arrays: tuple[np.ndarray, ...]) -> Future:
+    def _start(self, spec: specs.ModelSpec, arrays: tuple[np.ndarray, ...], priority: int = 0) -> Future:
         _, parts = split(spec.name, dict(zip([t.name for t in spec.inputs], arrays)))
         future = _Cancellable(len(parts), self.deadlines)
         try:
@@ -162,8 +169,9 @@ class MuseTalkClient(NamedCalls):
                 # tritonclient's async_infer keeps the call on the client object between sending it
                 # and adding the callback: two threads at once would swap their callbacks.
                 with self._async_lock:
-                    future.contexts.append(client.async_infer(spec.name, inputs, done, outputs=outputs,
-                                                              **infer_kwargs(self.protocol, ticket.deadline_s)))
+                    future.contexts.append(client.async_infer(
+                        spec.name, inputs, done, outputs=outputs,
+                        **infer_kwargs(self.protocol, ticket.deadline_s, self._level(priority))))
         except Exception as error:  # noqa: BLE001 - the future carries every failure
             future.cancel()
             failure = translate(error, spec.name)
@@ -189,12 +197,15 @@ class MuseTalkClient(NamedCalls):
         if client is not None:
             _close_quietly(client)
 
-    def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray, priority: int = 0) -> np.ndarray:
         names = [t.name for t in spec.inputs]
-        return self.infer(spec.name, dict(zip(names, arrays)))[spec.outputs[0].name]
+        return self.infer(spec.name, dict(zip(names, arrays)), priority)[spec.outputs[0].name]
+
+    def _level(self, priority: int) -> int:
+        return priority if self.priorities else 0
 
     def _send(self, model: str, spec: specs.ModelSpec | None,
-              arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+              arrays: dict[str, np.ndarray], priority: int = 0) -> dict[str, np.ndarray]:
         worker = self._worker()
         arena = worker.arena(spec) if (self.shared_memory and spec) else None
         batch = len(next(iter(arrays.values())))
@@ -203,7 +214,7 @@ class MuseTalkClient(NamedCalls):
             inputs = make_inputs(self._module, arrays, arena)
             outputs = make_outputs(self._module, spec, arena, batch)
             result = worker.client.infer(model, inputs, outputs=outputs,
-                                         **infer_kwargs(self.protocol, ticket.deadline_s))
+                                         **infer_kwargs(self.protocol, ticket.deadline_s, self._level(priority)))
             outputs = read_outputs(result, spec, arena)
         except Exception as error:  # noqa: BLE001 - every failure gets a clear type
             self.deadlines.finish(ticket, answered=False)

@@ -72,8 +72,10 @@ def statistics_kwargs(protocol: str) -> dict:
     return {"as_json": True} if protocol == "grpc" else {}
 
 
-def infer_kwargs(protocol: str, timeout_s: float) -> dict:
-    return {"client_timeout": timeout_s} if protocol == "grpc" else {}
+def infer_kwargs(protocol: str, timeout_s: float, priority: int = 0) -> dict:
+    """tritonclient's infer arguments: the deadline (gRPC) and the priority (0: the model's default
+    level; contract.priority says which level is whose)."""
+    return {"priority": int(priority), **({"client_timeout": timeout_s} if protocol == "grpc" else {})}
 
 
 def not_ready(url: str, timeout_s: float, server_ready: bool, waiting: list[str]) -> TritonClientError:
@@ -120,31 +122,33 @@ def read_outputs(result, spec: specs.ModelSpec | None, arena=None) -> dict[str, 
 
 
 class NamedCalls:
-    """One method per model; `_call` is the sync or asyncio transport."""
+    """One method per model; `_call` is the sync or asyncio transport. `priority` is the request's
+    level in Triton's queues (contract.priority.Priority: 1 goes first; 0, the default, is the
+    model's default level)."""
 
-    def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray):
+    def _call(self, spec: specs.ModelSpec, *arrays: np.ndarray, priority: int = 0):
         raise NotImplementedError
 
-    def audio_encoder(self, input_features: np.ndarray):
+    def audio_encoder(self, input_features: np.ndarray, *, priority: int = 0):
         """Whisper log-mel [B, 80, 3000] float32 -> hidden states [B, 1500, 5, 384]."""
-        return self._call(specs.AUDIO_ENCODER, input_features)
+        return self._call(specs.AUDIO_ENCODER, input_features, priority=priority)
 
-    def positional_encoding(self, audio_chunk: np.ndarray):
+    def positional_encoding(self, audio_chunk: np.ndarray, *, priority: int = 0):
         """Per-frame audio windows [B, 50, 384] -> with positional encoding added."""
-        return self._call(specs.POSITIONAL_ENCODING, audio_chunk)
+        return self._call(specs.POSITIONAL_ENCODING, audio_chunk, priority=priority)
 
-    def unet(self, latents: np.ndarray, audio_embedding: np.ndarray):
+    def unet(self, latents: np.ndarray, audio_embedding: np.ndarray, *, priority: int = 0):
         """Reference latents [B, 8, 32, 32] + audio [B, 50, 384] -> latents [B, 4, 32, 32]."""
-        return self._call(specs.UNET, latents, audio_embedding)
+        return self._call(specs.UNET, latents, audio_embedding, priority=priority)
 
-    def vae_encoder(self, face_crop: np.ndarray):
+    def vae_encoder(self, face_crop: np.ndarray, *, priority: int = 0):
         """uint8 BGR face crops [B, 256, 256, 3] -> reference latents [B, 8, 32, 32]."""
-        return self._call(specs.VAE_ENCODER, face_crop)
+        return self._call(specs.VAE_ENCODER, face_crop, priority=priority)
 
-    def vae_decoder(self, pred_latents: np.ndarray):
+    def vae_decoder(self, pred_latents: np.ndarray, *, priority: int = 0):
         """UNet latents [B, 4, 32, 32] -> uint8 BGR faces [B, 256, 256, 3]."""
-        return self._call(specs.VAE_DECODER, pred_latents)
+        return self._call(specs.VAE_DECODER, pred_latents, priority=priority)
 
-    def musetalk(self, audio_chunk: np.ndarray, latents: np.ndarray):
+    def musetalk(self, audio_chunk: np.ndarray, latents: np.ndarray, *, priority: int = 0):
         """The ensemble: audio windows [B, 50, 384] + latents [B, 8, 32, 32] -> faces [B, 256, 256, 3]."""
-        return self._call(specs.MUSETALK, audio_chunk, latents)
+        return self._call(specs.MUSETALK, audio_chunk, latents, priority=priority)

@@ -3,7 +3,7 @@
 
     from client.sessions import AvatarSession
 
-    session = await AvatarSession.open("http://localhost:8080", fps=25)
+    session = await AvatarSession.open("http://localhost:8080", fps=25, api_key=KEY)  # or MUSETALK_API_KEY
     viewer = await session.watch()                       # WebRTC: frames and audio arrive
     speech = await session.speech(sample_rate=16000)
     await speech.send(pcm16)                             # as fast as your TTS makes it
@@ -11,6 +11,10 @@
     event = await speech.event()                         # speech_started, speech_finished, ...
     frame = await viewer.video.get()                     # Received(frame=av.VideoFrame, arrived, ...)
     await session.close()
+
+With API keys (the front end's MUSETALK_API_KEYS_FILE), the session is opened with the key; its
+viewers connect with the session's viewer token and its speech socket with its speaker token
+(what a browser would hold), never with the key.
 
 Every frame that arrives says when its first RTP packet arrived (`arrived`,
 time.monotonic) and its RTP timestamp, before any jitter buffer or decoder:
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -88,11 +93,15 @@ class AvatarSession:
 
     @classmethod
     async def open(cls, url: str, avatar_id: str | None = None, fps: int = 25, relay_only: bool = False,
-                   follow: bool = True, move_within_s: float = MOVE_WITHIN_S, **options) -> AvatarSession:
+                   follow: bool = True, move_within_s: float = MOVE_WITHIN_S, api_key: str | None = None,
+                   **options) -> AvatarSession:
         """POST /sessions; `options`: transition_frames, silence_dbfs. `relay_only`: the viewers
         take media through a TURN relay only (what a viewer behind a strict firewall gets).
-        `follow`: move to a new session when this one goes away, trying for `move_within_s`."""
-        http = httpx.AsyncClient(base_url=url, timeout=30)
+        `follow`: move to a new session when this one goes away, trying for `move_within_s`.
+        `api_key`: the front end's key for this tenant (default: $MUSETALK_API_KEY; none for a
+        front end without keys)."""
+        key = api_key or os.environ.get("MUSETALK_API_KEY")
+        http = httpx.AsyncClient(base_url=url, timeout=30, headers=bearer(key))
         body = {"fps": fps, **({"avatar_id": avatar_id} if avatar_id else {}), **options}
         try:
             info = await _create(http, body)
@@ -195,6 +204,11 @@ async def _create(http: httpx.AsyncClient, body: dict) -> dict:
     return _check(await http.post("/sessions", json=body)).json()
 
 
+def bearer(credential: str | None) -> dict[str, str]:
+    """The Authorization header of `credential` (none without one)."""
+    return {"Authorization": f"Bearer {credential}"} if credential else {}
+
+
 def _retry_after(error: BaseException) -> float:
     status = getattr(error, "status", None)
     return 1.0 if status in (429, 503) else 2.0
@@ -219,7 +233,7 @@ class Viewer:
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate first
         response = _check(await self.session.http.post(
             self.session.info["whep"], content=pc.localDescription.sdp,
-            headers={"Content-Type": "application/sdp"}))
+            headers={"Content-Type": "application/sdp", **self._credential()}))
         self.location = response.headers["Location"]
         await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
 
@@ -230,6 +244,11 @@ class Viewer:
 
         for transceiver, noted, out in zip(transceivers, arrivals, (self.video, self.audio)):
             self._tasks.append(asyncio.ensure_future(self._read(transceiver.receiver.track, noted, out)))
+
+    def _credential(self) -> dict[str, str]:
+        """The session's viewer token, where it has one: a viewer needs no more (nor holds the key)."""
+        token = self.session.info.get("viewer_token")
+        return bearer(token) if token else {}
 
     def ended(self) -> None:
         """The viewer's media are over (the session ended and no new one could be opened)."""
@@ -261,7 +280,7 @@ class Viewer:
 
     async def close(self, delete: bool = True) -> None:
         if delete and self.location:
-            response = await self.session.http.delete(self.location)
+            response = await self.session.http.delete(self.location, headers=self._credential())
             if response.status_code != 404:  # the session may have ended already
                 _check(response)
         for task in self._tasks:
@@ -322,7 +341,8 @@ class Speech:
     async def connect(self) -> None:
         session = self.session
         url = f"{session.url.replace('http', 'ws', 1)}/sessions/{session.id}/speech?sample_rate={self.sample_rate}"
-        self.socket = await websockets.connect(url, max_size=None, open_timeout=30)
+        token = session.info.get("speaker_token")  # the speech socket needs no more than the session's speaker token
+        self.socket = await websockets.connect(url, max_size=None, open_timeout=30, additional_headers=bearer(token))
         self._reader = asyncio.ensure_future(self._read(self.socket))
 
     async def reconnect(self) -> None:

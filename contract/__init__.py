@@ -8,6 +8,10 @@
 - `runners`: how an ONNX file is run outside Triton's onnxruntime backend
   (onnxruntime or OpenVINO, fp32 or bf16), so that the bf16 gate measures exactly
   what the local server serves.
+- `priority`: whose requests Triton serves first (a session's first frames ... an
+  avatar's preparation), the levels every model config declares.
+- `logs`: how every process of the project logs (time, level, logger, the request,
+  session and tenant a line belongs to; text or JSON).
 
 It needs only numpy (onnx, onnxruntime and OpenVINO are imported by the
 functions that use them), so the client SDK, the exporter, the local server

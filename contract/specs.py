@@ -67,6 +67,11 @@ class ModelSpec:
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
 
+    @property
+    def bytes_per_item(self) -> int:
+        """What one item's inputs and outputs weigh together (bytes)."""
+        return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in (*self.inputs, *self.outputs))
+
 
 def _t(name: str, dtype: str, *shape: int) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape))

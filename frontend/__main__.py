@@ -1,6 +1,7 @@
 """python -m frontend: the service as the image runs it (uvicorn), with a drain on SIGTERM.
 
-    python -m frontend --host 0.0.0.0 --port 8080          # settings: MUSETALK_* (frontend/settings.py)
+    python -m frontend                              # 127.0.0.1:8080, open (no API keys)
+    MUSETALK_API_KEYS_FILE=keys python -m frontend --host 0.0.0.0 --port 8080   # settings: frontend/settings.py
 
 Kubernetes stops a pod (a rollout, a scale-in, a node drained) with SIGTERM, then kills it
 after terminationGracePeriodSeconds. Plain uvicorn would close every WebSocket at once and
@@ -27,10 +28,13 @@ import sys
 
 import uvicorn
 
+from contract import logs
+from frontend.access import describe, listening_problem
 from frontend.app import create_app
+from frontend.settings import Settings
 
 WS_MAX_SIZE = 2 << 20  # WebSocket messages above 2 MiB (decompressed) are refused by uvicorn itself (1009)
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
@@ -58,14 +62,22 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m frontend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1", help="where to listen (another address than loopback needs "
+                   "MUSETALK_API_KEYS_FILE, or MUSETALK_OPEN_NETWORK on a trusted network)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--graceful-seconds", type=float, default=30.0,
                    help="after the drain, how long answers in progress may take to finish")
     args = p.parse_args(argv)
-    app = create_app()
+    log_config = logs.configure()
+    settings = Settings()
+    problem = listening_problem(args.host, settings.api_keys_file, settings.open_network)
+    if problem:
+        log.critical("%s", problem)
+        return 2
+    app = create_app(settings)
+    log.info("listening on %s:%d; %s", args.host, args.port, describe(app.state.services.access, args.host))
     config = uvicorn.Config(app, host=args.host, port=args.port, ws_max_size=WS_MAX_SIZE,
-                            timeout_graceful_shutdown=args.graceful_seconds)
+                            timeout_graceful_shutdown=args.graceful_seconds, log_config=log_config)
     DrainingServer(config, app).run()
     return 0
 

@@ -49,28 +49,44 @@ class TooLong(Overloaded):
 
 class LiveSlots:
     """The front end's live sessions, conversational and /ws/live together: `take` one or
-    TooManySessions (a 429), counted in musetalk_admissions_total{kind="session"}."""
+    TooManySessions (a 429), counted in musetalk_admissions_total{kind="session"}. A tenant
+    holds at most `per_tenant` of them (None: no limit of its own)."""
 
-    def __init__(self, limit: int):
-        self.limit, self._free = limit, threading.BoundedSemaphore(limit)
+    def __init__(self, limit: int, per_tenant: int | None = None):
+        self.limit, self.per_tenant, self._free = limit, per_tenant, threading.BoundedSemaphore(limit)
+        self._held: dict[str | None, int] = {}
+        self._lock = threading.Lock()
 
-    def take(self) -> None:
-        if not self._free.acquire(blocking=False):
-            metrics.ADMISSIONS.labels("session", "refused").inc()
-            raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
+    def take(self, tenant: str | None = None) -> None:
+        with self._lock:
+            if tenant is not None and self.per_tenant is not None and self._held.get(tenant, 0) >= self.per_tenant:
+                metrics.ADMISSIONS.labels("session", "refused").inc()
+                raise TooManySessions(f"tenant {tenant!r} holds {self.per_tenant} live sessions, its limit "
+                                      "(MUSETALK_TENANT_LIVE_SESSIONS); end one or retry later")
+            if not self._free.acquire(blocking=False):
+                metrics.ADMISSIONS.labels("session", "refused").inc()
+                raise TooManySessions(f"all {self.limit} live sessions are taken; retry later")
+            self._held[tenant] = self._held.get(tenant, 0) + 1
         metrics.ADMISSIONS.labels("session", "admitted").inc()
         metrics.LIVE_SLOTS_IN_USE.inc()
 
-    def release(self) -> None:
+    def release(self, tenant: str | None = None) -> None:
+        with self._lock:
+            self._held[tenant] -= 1
+            if not self._held[tenant]:
+                del self._held[tenant]
         self._free.release()
         metrics.LIVE_SLOTS_IN_USE.dec()
 
 
 class Admission:
     def __init__(self, kind: str, capacity: float, queue: int, wait_s: float, unit: str,
-                 pace: Callable[[], float | None] = lambda: None, limit_s: float | None = None):
+                 pace: Callable[[], float | None] = lambda: None, limit_s: float | None = None,
+                 per_tenant: float | None = None):
         self.kind, self.capacity, self.queue, self.wait_s, self.unit = kind, capacity, queue, wait_s, unit
         self.pace, self.limit_s = pace, limit_s  # seconds per unit (None: not measured yet); the limit
+        self.per_tenant = per_tenant  # what one tenant may have in progress (None: no limit of its own)
+        self.tenants: dict[str, float] = {}
         self.in_use = 0.0
         self.waiting = 0
         self.finished: deque[tuple[float, float]] = deque()  # (when, units) of the last RATE_WINDOW_S
@@ -103,18 +119,19 @@ class Admission:
         return 5.0 if not rate else max(1.0, (self.in_use + cost - self.capacity_now()) / rate)
 
     @contextmanager
-    def admit(self, cost: float):
+    def admit(self, cost: float, tenant: str | None = None):
         """Hold `cost` units while the block runs; wait for them if allowed, else Overloaded."""
-        self.acquire(cost)
+        self.acquire(cost, tenant)
         try:
             yield
         finally:
-            self.release(cost)
+            self.release(cost, tenant)
 
-    def acquire(self, cost: float) -> None:
+    def acquire(self, cost: float, tenant: str | None = None) -> None:
         self._refuse_if_too_long(cost)
         cost = min(cost, self.capacity)  # the biggest runs when it is alone
         with self._condition:
+            self._refuse_beyond_tenant(cost, tenant)
             if self.in_use + cost > self.capacity_now():
                 if self.waiting >= self.queue:
                     self._refuse(cost, f"{self.waiting} requests are waiting already")
@@ -132,12 +149,18 @@ class Admission:
                     self.waiting -= 1
                     metrics.ADMISSION_WAITING.labels(self.kind).dec()
             self.in_use += cost
+            if tenant is not None:
+                self.tenants[tenant] = self.tenants.get(tenant, 0.0) + cost
             metrics.ADMISSION_IN_USE.labels(self.kind).set(self.in_use)
             metrics.ADMISSIONS.labels(self.kind, "admitted").inc()
 
-    def release(self, cost: float) -> None:
+    def release(self, cost: float, tenant: str | None = None) -> None:
         cost = min(cost, self.capacity)
         with self._condition:
+            if tenant is not None:
+                self.tenants[tenant] -= cost
+                if self.tenants[tenant] <= 0:
+                    del self.tenants[tenant]
             self.in_use -= cost
             self.finished.append((time.monotonic(), cost))
             metrics.ADMISSION_IN_USE.labels(self.kind).set(self.in_use)
@@ -150,6 +173,19 @@ class Admission:
         estimate = {"estimated_seconds": round((self.in_use + cost) * pace, 1)} if pace else {}
         raise Overloaded(f"at capacity for {self.kind} ({self.in_use:g} of {self.capacity_now():.0f} {self.unit} "
                          f"in progress; {why}); retry in about {math.ceil(retry)} s", retry, **estimate)
+
+    def _refuse_beyond_tenant(self, cost: float, tenant: str | None) -> None:
+        """One tenant never takes the whole front end: beyond its own share it hears when to retry."""
+        if tenant is None or self.per_tenant is None:
+            return
+        held = self.tenants.get(tenant, 0.0)
+        if held and held + cost > self.per_tenant:
+            metrics.ADMISSIONS.labels(self.kind, "refused").inc()
+            rate = self.rate
+            retry = 5.0 if not rate else max(1.0, (held + cost - self.per_tenant) / rate)
+            raise Overloaded(f"tenant {tenant!r} has {held:g} {self.unit} of {self.kind} in progress; its limit is "
+                             f"{self.per_tenant:g} (MUSETALK_TENANT_FRAMES_IN_PROGRESS); retry in about "
+                             f"{math.ceil(retry)} s", retry)
 
     def _refuse_if_too_long(self, cost: float) -> None:
         timed, pace = self.timed_capacity(), self.pace()

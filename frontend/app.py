@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
+from contract import logs
 from frontend import errors, metrics
+from frontend.access import OriginCheck
 from frontend.routes import avatars, generation, health, live, page, sessions
 from frontend.services import Services
 from frontend.sessions.routing import SessionRouter
@@ -75,11 +79,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
 
     app.add_middleware(BodyLimit, limit=services.upload_limit + ENVELOPE, megabytes=services.settings.max_upload_mb)
-    # Outermost: a request for a session another replica holds goes there as it came.
+    if services.settings.allowed_origins:  # pages of those sites may call it from browsers (with their key)
+        app.add_middleware(CORSMiddleware, allow_origins=services.settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Location", "Link", "Retry-After", "X-Frame-Count", "X-Timings"])
+    # A request for a session another replica holds goes there as it came (its credential too).
     app.add_middleware(SessionRouter, ids=services.sessions.ids)
+    # Outermost: a page of another site is refused before anything else looks at its request.
+    app.add_middleware(OriginCheck, allowed=services.settings.allowed_origins)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
+        logs.bind(request=request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex[:12])
         started, status = time.perf_counter(), "500"  # unless an answer comes: an exception no handler took
         try:
             response = await call_next(request)

@@ -26,6 +26,7 @@ from client.errors import (
     TritonClientError,
 )
 from frontend import metrics
+from frontend.access import Forbidden, Unauthorized
 from frontend.admission import Overloaded, TooLong
 from frontend.avatars.media import MediaError, MediaTooLarge
 from frontend.avatars.store import AvatarChanged, AvatarError, AvatarExists, AvatarNotFound
@@ -95,6 +96,8 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     NotReady: (503, ""),
     DeadlineExceeded: (504, "inference timed out: "),
     TritonClientError: (502, "inference failed: "),
+    Unauthorized: (401, ""),
+    Forbidden: (403, ""),
 }
 
 
@@ -135,6 +138,9 @@ def install(app: FastAPI) -> None:
             response.headers["Retry-After"] = str(error.retry_after)
         if isinstance(error, UploadTooLarge):  # the rest of the body is not wanted: the connection ends
             response.headers["Connection"] = "close"
+        if isinstance(error, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="musetalk"'
+
         return response
 
     for kind in STATUS:

@@ -50,6 +50,16 @@ STREAMS = Gauge("musetalk_streams_active", "Streamed answers (POST /onnx-infer s
 LIVE_LATENCY = Histogram("musetalk_live_latency_seconds", "Live sessions: from receiving the audio of a frame "
                          "to sending the frame", buckets=SECONDS)
 
+AUTH_FAILURES = Counter("musetalk_auth_failures", "Requests refused for their credential, by reason: missing, "
+                        "unknown_key, bad_token, expired_token, token_as_key (a session token where a key is needed), "
+                        "other_tenant, other_session, wrong_role, origin (a page of another site)", ["reason"])
+OFFLINE_PAUSED = Counter("musetalk_offline_paused_seconds", "Seconds offline work (POST /onnx-infer, avatar "
+                         "preparations) waited for live work that someone was waiting for (a segment starting)")
+TRITON_READY = Gauge("musetalk_triton_ready", "1 while Triton answers that it is ready (checked every second), "
+                     "else 0")
+TRITON_OUTAGES = Counter("musetalk_triton_outages", "Times Triton stopped answering that it is ready (it restarted, "
+                         "crashed or became unreachable), as the front end's readiness check saw it")
+
 STAGES = ("audio_features", "waiting_for_triton", "blending", "encoding", "total")
 
 

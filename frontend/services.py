@@ -20,12 +20,16 @@ from starlette.requests import HTTPConnection
 from client import MuseTalkClient
 from contract import specs
 from contract.layout import SYNTHETIC_KEY
+from contract.priority import Priority
+from frontend import metrics
+from frontend.access import OPEN, Access, ApiKeys, Caller, SessionTokens
 from frontend.admission import Admission, LiveSlots
 from frontend.avatars import preparation
 from frontend.avatars import store as avatars
 from frontend.avatars.jobs import Job, Jobs
 from frontend.avatars.media import Media, open_media
 from frontend.errors import NotReady, UploadTooLarge, status_of
+from frontend.live_first import LiveFirst
 from frontend.sessions.idle import IdleCycles
 from frontend.sessions.registry import Sessions
 from frontend.sessions.routing import SessionIds
@@ -48,31 +52,43 @@ class Services:
     live_slots: LiveSlots  # conversational sessions and /ws/live sessions together
     sessions: Sessions
     generations: Admission  # POST /onnx-infer, whole and streamed, by frames
+    live_first: LiveFirst  # offline work pauses while someone waits for a live frame
+    access: Access  # who may do what (API keys, session tokens)
     readiness: Readiness | None = None
     _default_thread: threading.Thread | None = None  # preparing the default avatar (waits for Triton)
     _default_error: str | None = None  # why that failed before its job existed
     warmed: threading.Event | None = None  # one frame has been through Triton: its pace is known
+    triton_seen: TritonWatch | None = None  # whether Triton answered ready, as the readiness checks saw it
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
         # Requests and live sessions each keep `in_flight` batches in flight; the client's
         # threads carry them all, so that Triton's batcher sees every session's batches.
         client = MuseTalkClient(settings.triton_url, settings.triton_protocol,
-                                max_in_flight=settings.in_flight * (4 + settings.max_live_sessions))
+                                max_in_flight=settings.in_flight * (4 + settings.max_live_sessions),
+                                priorities=settings.priorities)
         store = avatars.AvatarStore(settings.avatar_dir, int(settings.avatar_cache_mb * 2**20))
-        slots = LiveSlots(settings.max_live_sessions)
+        access = Access(ApiKeys(settings.api_keys_file) if settings.api_keys_file else None,
+                        SessionTokens(settings.session_token_seconds))
+        slots = LiveSlots(settings.max_live_sessions, None if access.open else
+                          settings.tenant_live_sessions or max(1, settings.max_live_sessions // 2))
         secret = settings.turn_secret.get_secret_value() if settings.turn_secret else None
         ice = IceServers(settings.ice_servers, settings.turn_urls, secret, settings.turn_ttl_seconds)
         routing = settings.routing_secret.get_secret_value() if settings.routing_secret else \
             shared_secret(settings.avatar_dir) if settings.replica_url else ""
+        live_first = LiveFirst(settings.priorities)
         sessions = Sessions(client, slots, settings.session_idle_seconds, ice,
                             IdleCycles(settings.webrtc_video_kbps, gop=IDLE_GOP),
-                            SessionIds(settings.replica_url, routing), settings.max_viewers_per_session)
+                            SessionIds(settings.replica_url, routing), settings.max_viewers_per_session, live_first)
         generations = Admission("generation", settings.max_frames_in_progress, settings.admission_queue,
                                 settings.admission_wait_seconds, "frames",
                                 pace=lambda: client.deadlines.seconds_per_item(specs.MUSETALK.name),
-                                limit_s=settings.max_request_seconds)
-        services = cls(settings, client, store, None, slots, sessions, generations, warmed=threading.Event())
+                                limit_s=settings.max_request_seconds,
+                                per_tenant=None if access.open else
+                                settings.tenant_frames_in_progress or max(1, settings.max_frames_in_progress // 2))
+        services = cls(settings, client, store, None, slots, sessions, generations,
+                       live_first, access, warmed=threading.Event(),
+                       triton_seen=TritonWatch(settings.triton_url))
         services.jobs = Jobs(store, services._prepare, status_of, settings.max_preparations)
         services.readiness = Readiness(services._readiness_problem)
         return services
@@ -108,10 +124,10 @@ class Services:
         while not self.warmed.is_set():
             try:
                 self.client.wait_until_ready(timeout_s=3600, models=[specs.MUSETALK.name, specs.AUDIO_ENCODER.name])
-                self.client.audio_encoder(mel)
-                first = self.client.submit(self.client.musetalk, audio, latents)
+                self.client.audio_encoder(mel, priority=Priority.OFFLINE)
+                first = self.client.submit(self.client.musetalk, audio, latents, priority=Priority.OFFLINE)
                 time.sleep(PACE_STAGGER_S)
-                second = self.client.submit(self.client.musetalk, audio, latents)
+                second = self.client.submit(self.client.musetalk, audio, latents, priority=Priority.OFFLINE)
                 first.result(), second.result()
             except Exception as error:  # noqa: BLE001 - Triton away or restarting: try again
                 log.warning("could not send a first frame to Triton (trying again): %s", error)
@@ -120,6 +136,13 @@ class Services:
             self.warmed.set()
             log.info("Triton answered its first frames: %.3g s per frame here",
                      self.client.deadlines.seconds_per_item(specs.MUSETALK.name))
+
+    @property
+    def tenant_preparations(self) -> int | None:
+        """Avatar preparations one tenant may have queued or running (None: no API keys, no tenants)."""
+        if self.access.open:
+            return None
+        return self.settings.tenant_preparations or max(1, self.settings.max_preparations // 2)
 
     # -- uploads --------------------------------------------------------------------------
     @property
@@ -134,18 +157,33 @@ class Services:
         return data
 
     # -- avatars --------------------------------------------------------------------------
-    def avatar(self, avatar_id: str | None) -> avatars.Avatar:
-        """The avatar a request asks for (default: the configured one)."""
+    def avatar(self, avatar_id: str | None, caller: Caller = OPEN) -> avatars.Avatar:
+        """The avatar a request asks for (default: the configured one): the caller's own of that
+        id, else the shared one."""
         if not avatar_id and not self.settings.default_avatar:
             raise avatars.AvatarError("name an avatar (avatar_id): this service has no default avatar")
         wanted = avatars.check_id(avatar_id or self.settings.default_avatar)
-        if not self.store.exists(wanted):
-            job = self.jobs.status(wanted)
+        keys = self.avatar_keys(wanted, caller)
+        for key in keys:
+            if self.store.exists(key):
+                return self.store.load(key)
+        for key in keys:
+            job = self.jobs.status(key)
             if job and job.get("status") == "failed":  # retrying will not help
                 raise avatars.AvatarNotFound(f"avatar {wanted!r} could not be prepared: {job.get('error')}")
-            if job or (wanted == self.settings.default_avatar and self._default_starting()):
+            if job:
                 raise NotReady(f"avatar {wanted!r} is {describe_job(job)}; retry shortly")
-        return self.store.load(wanted)
+        if wanted == self.settings.default_avatar and self._default_starting():
+            raise NotReady(f"avatar {wanted!r} is {describe_job(None)}; retry shortly")
+        raise avatars.AvatarNotFound(
+            f"unknown avatar {wanted!r}: prepare it first with POST /avatars (avatar_id={wanted}, and a photo or "
+            "a video of one face); GET /avatars lists those there are")
+
+    @staticmethod
+    def avatar_keys(avatar_id: str, caller: Caller) -> list[str]:
+        """Where the avatar `caller` means by `avatar_id` may be stored: its own, then the shared one."""
+        own = avatars.storage_key(caller.tenant, avatar_id)
+        return [own] if caller.tenant is None else [own, avatar_id]
 
     def open_media(self, data: bytes) -> Media:
         return open_media(data, self.settings.max_avatar_seconds, self.settings.max_image_pixels)
@@ -154,10 +192,10 @@ class Services:
         params = job.read()["params"]
         media = self.open_media(job.upload.read_bytes())
         def encode(crops):
-            return self.client.submit(self.client.vae_encoder, crops)
+            return self.client.submit(self.client.vae_encoder, crops, priority=Priority.PREPARATION)
 
         return preparation.prepare(job.avatar_id, media, encode, job.staging, params["bbox_shift"],
-                                   params["extra_margin"], progress, cancelled)
+                                   params["extra_margin"], progress, cancelled, self.live_first.give_way)
 
     async def drain(self) -> None:
         """The replica is shutting down (SIGTERM: python -m frontend): sessions move elsewhere."""
@@ -167,7 +205,7 @@ class Services:
         """What keeps the service from serving its default request (None: nothing)."""
         if self.sessions.draining:
             return "draining: this replica is shutting down"
-        if not self.client.server_ready():
+        if not self.triton_seen.ready(self.client.server_ready()):
             return f"Triton at {self.settings.triton_url} is not reachable or not ready"
         waiting = [m for m in specs.MODELS if not self.client.model_ready(m)]
         if waiting:
@@ -233,6 +271,30 @@ class Services:
         self.readiness.close()
         self.jobs.close()
         self.client.close()
+
+
+class TritonWatch:
+    """Triton going away and coming back, as the readiness checks see it: logged, and counted
+    (musetalk_triton_ready, musetalk_triton_outages_total). A local stack's supervisor restarts a
+    tritonserver that died and says why in its own log; Kubernetes restarts a Triton pod."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.up: bool | None = None  # not checked yet
+        self.since = time.monotonic()
+
+    def ready(self, up: bool) -> bool:
+        if up != self.up:
+            now = time.monotonic()
+            if up:
+                log.info("Triton at %s is ready%s", self.url,
+                         f" again after {now - self.since:.1f} s" if self.up is False else "")
+            elif self.up:
+                metrics.TRITON_OUTAGES.inc()
+                log.warning("Triton at %s stopped answering: requests to it fail until it is back", self.url)
+            metrics.TRITON_READY.set(int(up))
+            self.up, self.since = up, now
+        return up
 
 
 class Readiness:

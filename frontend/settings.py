@@ -21,6 +21,28 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MUSETALK_", frozen=True, env_parse_none_str="off")
 
     triton_url: str = Field("localhost:8001", description="Triton's gRPC (or HTTP) host:port")
+    api_keys_file: Path | None = Field(
+        None, description="who may use the service: one TENANT:KEY a line (TENANT:KEY:operator for an operator, who "
+        "also manages the shared avatars); read again when it changes. Callers send Authorization: Bearer KEY. "
+        "Without it the service is open, and listens on loopback only")
+    open_network: bool = Field(
+        False, description="serve without API keys on an address other than loopback (a network you trust: said "
+        "at start, as a warning)")
+    session_token_seconds: float = Field(
+        3600.0, gt=0, description="how long a session's viewer and speaker tokens stay valid (checked when a viewer "
+        "or speech socket connects; the owner's key mints fresh ones)")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="web pages of other origins allowed to call the service from a browser "
+        '(CORS and WebSockets): ["https://app.example.com"]; the page it serves itself is always allowed')
+    tenant_live_sessions: int | None = Field(
+        None, ge=1, description="live sessions one tenant may hold at once (default: half of max_live_sessions, at "
+        "least 1; with API keys only)")
+    tenant_frames_in_progress: int | None = Field(
+        None, ge=1, description="frames of POST /onnx-infer one tenant may have in progress (default: half of "
+        "max_frames_in_progress; with API keys only)")
+    tenant_preparations: int | None = Field(
+        None, ge=1, description="avatar preparations one tenant may have queued or running (default: half of "
+        "max_preparations, at least 1; with API keys only)")
     triton_protocol: Literal["grpc", "http"] = Field(
         "grpc", description="how the front end talks to Triton: gRPC (requests it can cancel) or HTTP")
     avatar_dir: Path = Field(Path("data/avatars"), description="where prepared avatars are stored")
@@ -91,6 +113,10 @@ class Settings(BaseSettings):
     routing_secret: SecretStr | None = Field(
         None, description="the secret every replica shares to sign session ids (default: one made once in "
         "the shared avatar folder, avatar_dir/.routing-secret)")
+    priorities: bool = Field(
+        True, description="live work first: each request to Triton carries its priority (a session's first "
+        "frames before its steady ones, before /ws/live, before POST /onnx-infer, before avatar preparations), "
+        "and offline work pauses while someone waits for a session's first frame; off: first come, first served")
     drain_seconds: float = Field(
         60.0, ge=0, description="on SIGTERM (python -m frontend): how long sessions get to move elsewhere "
         "before they are ended")

@@ -46,9 +46,11 @@ MAX_FILLED_S = 2.0  # a longer gap in the audio is not the session's silence but
 
 class MuseTalkVideoService(AIService):
     def __init__(self, *, url: str, avatar_id: str | None = None, fps: int = 25, reconnect_within_s: float = 60.0,
-                 **kwargs):
+                 api_key: str | None = None, **kwargs):
         """Args:
             url: the MuseTalk front end (http://host:8080).
+            api_key: the front end's API key for this agent's tenant (default: $MUSETALK_API_KEY;
+                none for a front end without keys). The agent holds it; its viewers never do.
             avatar_id: a prepared avatar (default: the front end's default avatar).
             fps: the video's frames per second.
             reconnect_within_s: when the session goes away, how long to try opening a new one
@@ -58,6 +60,7 @@ class MuseTalkVideoService(AIService):
         kwargs.setdefault("settings", ServiceSettings(model="musetalk"))
         super().__init__(**kwargs)
         self.url, self.avatar_id, self.fps, self.reconnect_within_s = url, avatar_id, fps, reconnect_within_s
+        self.api_key = api_key
         self._out_rate = 24000  # the pipeline's audio: the speech socket opens at it before the first TTS audio
         self.session: AvatarSession | None = None
         self.viewer = None
@@ -75,7 +78,7 @@ class MuseTalkVideoService(AIService):
     async def start(self, frame: StartFrame):
         await super().start(frame)
         try:
-            self.session = await AvatarSession.open(self.url, self.avatar_id, self.fps,
+            self.session = await AvatarSession.open(self.url, self.avatar_id, self.fps, api_key=self.api_key,
                                                     move_within_s=self.reconnect_within_s)
             self.viewer = await self.session.watch()
         except Exception as error:  # noqa: BLE001 - refused, unreachable, timed out: the pipeline hears why

@@ -29,10 +29,12 @@ import httpx
 import soundfile
 from tqdm import tqdm
 
+from contract import logs
 from stack.exports import PROFILES, ensure_exported, real_weights
-from stack.frontend_process import FrontEnd
+from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
 from triton_local.launch import start as start_triton
 from triton_local.server import BUILD, Ports, free_port, http_url_beside, listening
+from triton_local.supervisor import Supervisor
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 AVATAR_ID = "demo"
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="speak the whole speech, however long it takes here")
     args = p.parse_args(argv)
 
+    logs.configure()
     real = real_weights(args.profile)
+    supervisor = None
     if args.triton_url:
         step("1-2/5 use the Triton server at " + args.triton_url)
         server = RemoteTriton(args.triton_url)
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         step("2/5 start the local Triton server")
         server = start_triton(repository, Ports.defaults_or_free())
+        supervisor = Supervisor(server).start()  # a tritonserver that dies is started again
     frontend = None
     try:
         step("3/5 start the front end")
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "MUSETALK_AVATAR_DIR": str(BUILD / "demo" / f"avatars-{args.profile}"),
             # one batch computing, the next queued: the server stays busy and batches stay small
             "MUSETALK_IN_FLIGHT": "2",
+            **(LOCAL_SERVER_SETTINGS if supervisor else {}),
             **({"MUSETALK_MAX_REQUEST_SECONDS": "off"} if args.all else {}),
         }).start()
         print(f"front end: {frontend.url} (API docs: {frontend.url}/docs)")
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if frontend:
             frontend.stop()
-        server.stop()
+        (supervisor or server).stop()
     report(args.output, timings, real)
     return 0
 

@@ -14,12 +14,17 @@ from pathlib import Path
 from client.readiness import wait_for
 from triton_local.server import BUILD, ServerError, end, http_ok, start_child
 
+# A front end beside the local tritonserver: requests of the size the local server executes at once
+# (triton_local.repository.Runtime.chunk): on a CPU no batch is cheaper per frame than another, and
+# a smaller one leaves the server sooner, so an urgent request waits less behind it.
+LOCAL_SERVER_SETTINGS = {"MUSETALK_BATCH_SIZE": "8"}
+
 
 class FrontEnd:
     """uvicorn serving frontend.app in its own process."""
 
     def __init__(self, triton_grpc: str, port: int = 8080, env: dict[str, str] | None = None,
-                 log_file: Path = BUILD / "frontend.log", host: str = "0.0.0.0"):
+                 log_file: Path = BUILD / "frontend.log", host: str = "127.0.0.1"):
         self.port = port
         self.host = host
         self.url = f"http://localhost:{port}"

@@ -14,11 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from contract import logs
 from stack.exports import PROFILES, ensure_exported
-from stack.frontend_process import FrontEnd
+from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
 from triton_local.launch import serve_until_stopped
 from triton_local.launch import start as start_triton
 from triton_local.server import BUILD, Ports
+from triton_local.supervisor import Supervisor
 
 
 def default_avatar_source() -> str:
@@ -44,40 +46,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080, help="the front end's HTTP port")
     args = p.parse_args(argv)
 
+    logs.configure()
     stack = start(args.profile, args.onnx_repository, args.port)
     if stack is None:
         return 1
-    server, frontend = stack
+    supervisor, frontend = stack
     try:
         print(f"front end: {frontend.url}  (the page at {frontend.url}/, API docs at {frontend.url}/docs; "
-              f"log {frontend.log_file})\nCtrl-C stops both.", flush=True)
-        if serve_until_stopped(frontend.process, server.process):
+              f"log {frontend.log_file})\nCtrl-C stops both (a tritonserver that dies is started again).", flush=True)
+        if serve_until_stopped(frontend.process, supervisor=supervisor):
             return 0
-        print("a process exited; stopping", file=sys.stderr)
+        print(f"stopping: {supervisor.gave_up or 'the front end exited; see ' + str(frontend.log_file)}",
+              file=sys.stderr)
         return 1
     finally:
         frontend.stop()
-        server.stop()
+        supervisor.stop()
 
 
 def start(profile: str, onnx_repository: Path | None = None, port: int = 8080):
-    """The local Triton and the front end, both started (exporting first when needed);
-    None if the export failed."""
+    """The local Triton (supervised: restarted if it dies) and the front end, both started
+    (exporting first when needed): (supervisor, front end); None if the export failed."""
     repository = ensure_exported(profile, onnx_repository)
     if repository is None:
         return None
-    server = start_triton(repository, Ports())
+    supervisor = Supervisor(start_triton(repository, Ports())).start()
+    server = supervisor.server
     avatars = BUILD / f"avatars-{profile}"
     frontend = FrontEnd(server.grpc_url, port, env={
-        "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(),
+        **LOCAL_SERVER_SETTINGS, "MUSETALK_DEFAULT_AVATAR_SOURCE": default_avatar_source(),
         "MUSETALK_AVATAR_DIR": os.environ.get("MUSETALK_AVATAR_DIR", str(avatars)),
     })
     try:
         frontend.start()
     except BaseException:
-        server.stop()
+        supervisor.stop()
         raise
-    return server, frontend
+    return supervisor, frontend
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from contract import logs
 from stack.exports import PROFILES
 from stack.serve import start
 from triton_local.launch import serve_until_stopped
@@ -34,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if not PIPECAT_PYTHON.exists():
         print("the Pipecat environment is missing: make pipecat-env", file=sys.stderr)
         return 1
+    logs.configure()
     stack = start(args.profile, port=args.port)
     if stack is None:
         return 1
-    server, frontend = stack
+    supervisor, frontend = stack
     bot = None
     try:
         if not frontend.wait_until_ready(1800):
@@ -50,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"talk to the avatar: http://localhost:{args.bot_port}/ (Connect, then speak; it says back "
               f"what you said)\nfront end {frontend.url}; logs {frontend.log_file}, {BUILD / 'talk.log'}\n"
               "Ctrl-C stops everything.", flush=True)
-        if serve_until_stopped(frontend.process, server.process, bot):
+        if serve_until_stopped(frontend.process, bot, supervisor=supervisor):
             return 0
-        print("a process exited; stopping", file=sys.stderr)
+        print(f"stopping: {supervisor.gave_up or 'a process exited; see its log'}", file=sys.stderr)
         return 1
     finally:
         if bot and bot.poll() is None:
             bot.terminate()
             bot.wait(20)
         frontend.stop()
-        server.stop()
+        supervisor.stop()
 
 
 if __name__ == "__main__":

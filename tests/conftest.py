@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from export.__main__ import main as export_main
-from support import BUILD, SPEECH
+from support import BUILD, KEYED_TENANT_LIVE_SESSIONS, KEYED_TOKEN_SECONDS, KEYS, SPEECH, keys_file
 from triton_local.repository import generate
 from triton_local.server import LocalTriton, Ports
 
 TINY_ONNX = BUILD / "tiny_onnx"
+pytest_plugins = ["shared_server", "pytester"]
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +32,17 @@ def tiny_onnx():
 
 @pytest.fixture(scope="session")
 def triton(tiny_onnx) -> LocalTriton:
-    """A real tritonserver serving the tiny models through the generated local repository."""
+    """A real tritonserver serving the tiny models through the generated local repository,
+    supervised: if it dies, the test running then fails with its log's tail and it is started
+    again, on the same ports, for the tests after it (tests/shared_server.py)."""
     repository = BUILD / "triton_repository"
     generate(repository, tiny_onnx)
     server = LocalTriton(repository, Ports.free(), log_file=BUILD / "triton.log")
     server.start(timeout=300)
-    yield server
-    server.stop()
+    from shared_server import supervised  # the plugin (pytest_plugins), imported by pytest first
+
+    with supervised(server):
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +79,28 @@ def frontend_server(triton, tmp_path_factory, face_png):
         "MUSETALK_BATCH_SIZE": "8", "MUSETALK_MAX_LIVE_SESSIONS": "4",
     }).start()
     assert server.wait_until_ready(180), f"the front end never became ready; see {server.log_file}"
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed(triton, tmp_path_factory, face_png):
+    """The front end with API keys (support.KEYS: tenants alpha and beta, operator ops), its session
+    tokens lasting KEYED_TOKEN_SECONDS, a tenant holding KEYED_TENANT_LIVE_SESSIONS live sessions at
+    most; its shared default avatar prepared from the astronaut photograph."""
+    from stack.frontend_process import FrontEnd
+    from triton_local.server import free_port
+
+    folder = tmp_path_factory.mktemp("keyed")
+    (folder / "astronaut.png").write_bytes(face_png)
+    keys_file(folder / "api-keys", KEYS)
+    server = FrontEnd(triton.grpc_url, free_port(), log_file=BUILD / "frontend-keyed.log", env={
+        "MUSETALK_AVATAR_DIR": str(folder / "avatars"), "MUSETALK_DEFAULT_AVATAR_SOURCE": str(folder / "astronaut.png"),
+        "MUSETALK_API_KEYS_FILE": str(folder / "api-keys"), "MUSETALK_SESSION_TOKEN_SECONDS": str(KEYED_TOKEN_SECONDS),
+        "MUSETALK_TENANT_LIVE_SESSIONS": str(KEYED_TENANT_LIVE_SESSIONS), "MUSETALK_BATCH_SIZE": "8",
+    }).start()
+    assert server.wait_until_ready(180), f"the front end with keys never became ready; see {server.log_file}"
+    server.keys_file = folder / "api-keys"
     yield server
     server.stop()
 

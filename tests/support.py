@@ -14,9 +14,21 @@ import soundfile
 from contract.layout import model_path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tenants of the front end with API keys (conftest.py's `keyed`); ops is an operator.
+KEYS = {"alpha": "alpha-key-0123456789abcdef", "beta": "beta-key-0123456789abcdef",
+        "ops": "ops-key-0123456789abcdef"}
+KEYED_TOKEN_SECONDS = 10
+KEYED_TENANT_LIVE_SESSIONS = 2
 FIXTURES = Path(__file__).parent / "fixtures"
 BUILD = ROOT / "build" / "test"
 SPEECH = FIXTURES / "speech.flac"
+
+
+def keys_file(path: Path, keys: dict[str, str]) -> None:
+    """A front end's MUSETALK_API_KEYS_FILE of `keys` (tenant: key; "ops" an operator)."""
+    lines = ["# tenants of the tests", ""] + [f"{tenant}:{key}" + (":operator" if tenant == "ops" else "")
+                                             for tenant, key in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def speech_seconds(path: Path = SPEECH) -> float:

@@ -55,6 +55,10 @@ METRICS = {
     "musetalk_live_slots_in_use": "gauge",
     "musetalk_session_threads": "gauge",
     "musetalk_session_viewers_dropped_total": "counter",
+    "musetalk_auth_failures_total": "counter",
+    "musetalk_triton_ready": "gauge",
+    "musetalk_triton_outages_total": "counter",
+    "musetalk_offline_paused_seconds_total": "counter",
 }
 
 
@@ -266,6 +270,50 @@ def test_triton_volumes_models_cache_and_shm(name):
     (source,) = [s["configMapRef"]["name"] for s in container["envFrom"] if "configMapRef" in s]
     (config,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == source]
     assert config["data"]["MODEL_REPOSITORY"] == "/models"
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_only_the_front_ends_reach_triton_and_its_admin_apis_need_a_key(name):
+    """A NetworkPolicy lets the front-end pods reach Triton's HTTP and gRPC ports and Prometheus its
+    metrics port, nothing else; Triton loads no model at run time and keeps the model repository,
+    shared memory, tracing and logging behind a header key from a Secret (the same flags the local
+    server is tested with: tests/test_local_server.py)."""
+    from triton_local.server import RESTRICTED, restricted_api_flags
+
+    docs = render(name)
+    triton = component(docs, "Deployment", "triton")["spec"]["template"]["metadata"]["labels"]
+    frontend = component(docs, "Deployment", "frontend")["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [p for p in of_kind(docs, "NetworkPolicy") if matches(p["spec"]["podSelector"]["matchLabels"], triton)]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    allowed = {}
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            who = "frontend" if matches(peer["podSelector"]["matchLabels"], frontend) else \
+                peer["podSelector"]["matchLabels"].get("app.kubernetes.io/name")
+            allowed[who] = {p["port"] for p in rule["ports"]}
+    assert allowed == {"frontend": {8000, 8001}, "prometheus": {8002}}
+    args = triton_container(docs)["args"]
+    assert "--model-control-mode=none" in args
+    expected = restricted_api_flags(("musetalk-admin-key", "$(TRITON_ADMIN_KEY)"))
+    assert all(flag in args for flag in expected) and RESTRICTED in expected[0]
+    (key,) = [e for e in triton_container(docs)["env"] if e["name"] == "TRITON_ADMIN_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "musetalk-triton-admin", "key": "key"}
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_the_front_end_reads_its_api_keys_from_a_secret_it_sees_change(name, monkeypatch):
+    docs = render(name)
+    container = frontend_container(docs)
+    spec = component(docs, "Deployment", "frontend")["spec"]["template"]["spec"]
+    (path,) = [e["value"] for e in container["env"] if e["name"] == "MUSETALK_API_KEYS_FILE"]
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert "subPath" not in mount and mount["readOnly"] is True  # a subPath mount never sees the Secret change
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == "musetalk-api-keys" and not volume["secret"].get("optional")
+    assert path.endswith("/keys")
+    # and it listens beyond loopback, which the front end allows only with keys
+    cmd = next(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("CMD"))
+    assert "0.0.0.0" in cmd
 
 
 # --- the front end ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, SPEECH
+from support import KEYS, ROOT, SPEECH
 
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
@@ -61,12 +61,13 @@ def test_every_example_is_on_a_page():
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))
-def test_the_examples_run_against_the_tiny_stack(example, frontend_server, triton, tmp_path):
+def test_the_examples_run_against_the_tiny_stack(example, keyed, triton, tmp_path):
+    """Each against the front end with API keys, as a tenant would run it (MUSETALK_API_KEY)."""
     pipecat = example.startswith("pipecat")
     python = PIPECAT_PYTHON if pipecat else Path(sys.executable)
     assert python.exists(), "the Pipecat environment is missing: make pipecat-env"
-    env = {**os.environ, "MUSETALK_URL": frontend_server.url, "MUSETALK_TRITON_URL": triton.grpc_url,
-           "MUSETALK_SPEECH": str(SPEECH), "NO_COLOR": "1"}
+    env = {**os.environ, "MUSETALK_URL": keyed.url, "MUSETALK_TRITON_URL": triton.grpc_url,
+           "MUSETALK_SPEECH": str(SPEECH), "NO_COLOR": "1", "MUSETALK_API_KEY": KEYS["beta"]}
     ran = subprocess.run([str(python), str(EXAMPLES / example)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]

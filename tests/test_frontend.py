@@ -330,7 +330,7 @@ def test_a_default_avatar_that_cannot_be_prepared_says_why(triton, tmp_path, spe
 def test_a_request_that_fails_unexpectedly_is_counted_as_a_500(api, speech_bytes, monkeypatch):
     from frontend import metrics
 
-    def broken(avatar_id):
+    def broken(*_):
         raise RuntimeError("a bug")
 
     counter = metrics.REQUESTS.labels("/onnx-infer", "POST", "500")

@@ -118,5 +118,10 @@ def test_local_config_changes_only_what_a_cpu_needs(tiny_onnx):
         [(1, sorted(t.name for t in specs.UNET.inputs))]
     assert local.parameters["runtime"].string_value == "openvino"
     assert local.parameters["precision"].string_value == "bf16"
-    for field in ("name", "max_batch_size", "input", "output", "dynamic_batching"):
+    for field in ("name", "max_batch_size", "input", "output"):
         assert getattr(local, field) == getattr(original, field)
+    # on a CPU an execution takes at most a chunk from the queue, at once: the priorities stay
+    batching = local.dynamic_batching
+    assert list(batching.preferred_batch_size) == [Runtime().chunk] and batching.max_queue_delay_microseconds == 0
+    assert batching.priority_levels == original.dynamic_batching.priority_levels
+    assert batching.default_priority_level == original.dynamic_batching.default_priority_level

@@ -93,3 +93,31 @@ def test_preparing_an_avatar_without_a_face_shows_the_error(page, tmp_path):
     page.click("#prepare button")
     page.wait_for_function("document.querySelector('#prepare-status').classList.contains('error')")
     assert "no face" in page.locator("#prepare-status").inner_text()
+
+
+def test_with_api_keys_the_page_asks_for_one_and_speaks_with_the_sessions_tokens(browser, keyed, long_speech_file):
+    """On a front end with keys: no key, the page asks for one; with one (#key=..., kept out of the
+    address bar), it opens its session, watches it with the viewer token and speaks through the
+    speech socket with the speaker token."""
+    from support import KEYS
+
+    context = browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(keyed.url + "/")
+        page.wait_for_selector("#key-form", state="visible", timeout=30_000)
+        assert "needs an API key" in page.locator("#status").inner_text()
+        page.goto(keyed.url + f"/#key={KEYS['beta']}")
+        page.reload()  # a new page load reads the fragment
+        page.wait_for_function("window.musetalk.state === 'idle' && window.musetalk.presented > 10", timeout=30_000)
+        assert KEYS["beta"] not in page.url
+        idle = page.evaluate(CHANGED, None)
+        page.set_input_files("#audio-file", str(long_speech_file))
+        page.click("#upload-button")
+        page.wait_for_function("window.musetalk.state === 'speaking'", timeout=60_000)
+        assert mouth_moves(page, idle)
+    finally:
+        context.close()
+    assert not errors, errors

@@ -216,3 +216,4 @@ def test_a_cancelled_request_is_cancelled_on_the_server(triton):
     with pytest.raises(CancelledError):
         second.result()
 
+

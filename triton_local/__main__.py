@@ -2,7 +2,7 @@
 
 Generates build/triton_repository from model_repository/ (python backend running
 the same ONNX files on the CPU), starts tritonserver, waits until every model is
-ready, prints the endpoints and serves until Ctrl-C.
+ready, prints the endpoints and serves until Ctrl-C, starting it again if it dies.
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from contract import logs
 from triton_local.launch import serve_until_stopped, start
 from triton_local.repository import SOURCE
 from triton_local.server import BUILD, Ports, ServerError
+from triton_local.supervisor import Supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,21 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=8002)
     args = p.parse_args(argv)
 
+    logs.configure()
     try:
         server = start(args.onnx_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
                        args.target)
     except (FileNotFoundError, ServerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print("Ctrl-C stops it.", flush=True)
+    supervisor = Supervisor(server).start()
+    print("Ctrl-C stops it (if it dies, it is started again).", flush=True)
     try:
-        if serve_until_stopped(server.process):
+        if serve_until_stopped(supervisor=supervisor):
             return 0
-        print(f"tritonserver exited ({server.process.returncode}):\n{server.log_tail()}",
-              file=sys.stderr)
+        print(f"stopping: {supervisor.gave_up}", file=sys.stderr)
         return 1
     finally:
-        server.stop()
+        supervisor.stop()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from contract import specs
 from triton_local.repository import generate
 from triton_local.runtimes import choose, describe
 from triton_local.server import BUILD, LocalTriton, Ports
+from triton_local.supervisor import Supervisor
 
 
 def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / "triton_repository",
@@ -40,12 +41,13 @@ def start(onnx_repository: Path, ports: Ports = Ports(), target: Path = BUILD / 
     return server
 
 
-def serve_until_stopped(*processes: subprocess.Popen) -> bool:
-    """Block until Ctrl-C or SIGTERM (True: a requested stop) or until one of
-    `processes` exits by itself (False)."""
+def serve_until_stopped(*processes: subprocess.Popen, supervisor: Supervisor | None = None) -> bool:
+    """Block until Ctrl-C or SIGTERM (True: a requested stop), or until one of `processes`
+    exits by itself or `supervisor` gives up on its server (False: the caller says which).
+    A supervised tritonserver that dies is restarted meanwhile: the rest go on."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        while all(p.poll() is None for p in processes):
+        while all(p.poll() is None for p in processes) and (supervisor is None or supervisor.gave_up is None):
             time.sleep(0.5)
         return False
     except (KeyboardInterrupt, SystemExit):

@@ -18,7 +18,8 @@ tensors, batching and ensemble; its parameters say which file to run and how:
                none): one model at a time has all the cores
   chunk        run batches larger than this in pieces (0 = never): on a CPU the
                cost per frame is flat in the batch size, while activation
-               memory grows with it (a VAE batch of 32 at 256x256 holds GBs)
+               memory grows with it (a VAE batch of 32 at 256x256 holds GBs);
+               each request is answered as soon as its own pieces are done
 
 It also exits when tritonserver is gone, however that happened (killed,
 crashed): a python-backend stub would otherwise live on as an orphan holding
@@ -80,35 +81,63 @@ class TritonPythonModel:
             fcntl.flock(self.cpu_lock, fcntl.LOCK_UN)
 
     def execute(self, requests):
-        # The dynamic batcher hands over several requests at once: run them as
-        # one batch, as the onnxruntime backend does, then split the results.
-        feeds = {
-            name: np.concatenate(
-                [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-            )
-            for name in self.input_names
-        }
-        sizes = [pb_utils.get_input_tensor_by_name(r, self.input_names[0]).as_numpy().shape[0]
+        # The dynamic batcher hands over several requests at once, in its queue's order (by
+        # priority, then age: contract/priority.py). Run them in that order and answer each one as
+        # soon as its own items are computed: on a CPU an execution costs its items, so the most
+        # urgent request must not wait for the whole batch. The first request runs on its own, the
+        # rest in chunks of up to `chunk` items (as the onnxruntime backend would batch them).
+        senders = [r.get_response_sender() for r in requests]
+        feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names}
                  for r in requests]
+        sizes = [len(feed[self.input_names[0]]) for feed in feeds]
+        parts: list[list[dict]] = [[] for _ in requests]  # each request's outputs, piece by piece
+        answered = [False] * len(requests)
         try:
-            outputs = self._run_in_chunks(feeds, sum(sizes))
-        except Exception as error:  # noqa: BLE001 - each request gets the reason
+            for chunk in plan(sizes, self.chunk):
+                outputs = self.run({name: np.concatenate([feeds[i][name][start:stop] for i, start, stop in chunk])
+                                    for name in self.input_names})
+                offset = 0
+                for i, start, stop in chunk:
+                    parts[i].append({name: outputs[name][offset : offset + stop - start] for name in self.output_names})
+                    offset += stop - start
+                    if stop == sizes[i]:  # its last piece: answer it now
+                        self._answer(senders[i], parts[i])
+                        parts[i], answered[i] = [], True
+        except Exception as error:  # noqa: BLE001 - each request not yet answered gets the reason
             message = f"inference failed: {type(error).__name__}: {error}"
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
-                    for _ in requests]
-        bounds = np.cumsum(sizes)[:-1]  # the batcher's requests, back apart
-        parts = {name: np.split(outputs[name], bounds) for name in self.output_names}
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, np.ascontiguousarray(parts[name][i]))
-                 for name in self.output_names]
-            )
-            for i in range(len(requests))
-        ]
+            for sender, done in zip(senders, answered):
+                if not done:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None  # every request was answered through its response sender
 
-    def _run_in_chunks(self, feeds, batch):
-        if not self.chunk or batch <= self.chunk:
-            return self.run(feeds)
-        parts = [self.run({k: v[i : i + self.chunk] for k, v in feeds.items()})
-                 for i in range(0, batch, self.chunk)]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    def _answer(self, sender, pieces: list[dict]) -> None:
+        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(np.concatenate([p[name] for p in pieces])))
+                   for name in self.output_names]
+        sender.send(pb_utils.InferenceResponse(tensors), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def plan(sizes: list[int], chunk: int) -> list[list[tuple[int, int, int]]]:
+    """The executions for requests of `sizes` items, in order: each a list of (request, start, stop).
+    The first request runs on its own; the others are grouped up to `chunk` items (0: no limit) and
+    split where bigger."""
+    limit = chunk or max(sum(sizes), 1)
+    runs: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    filled = 0
+    for i, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            if filled == limit:
+                runs.append(current)
+                current, filled = [], 0
+            stop = min(size, start + limit - filled)
+            current.append((i, start, stop))
+            filled += stop - start
+            start = stop
+        if i == 0 and current:  # the most urgent request alone
+            runs.append(current)
+            current, filled = [], 0
+    if current:
+        runs.append(current)
+    return runs

@@ -11,6 +11,14 @@ its own; every stub exits by itself when its tritonserver is gone
 killed outright; and start() first removes what an earlier crash left (stubs
 of this project's backend folder whose tritonserver is gone, and shared-memory
 regions that no process maps any more).
+
+Each server's python backend has shared memory of its own: its regions are named
+after its HTTP port (two servers on one machine never share one, whatever the
+backend's own naming does), and sized up front for the largest execution any of
+our models makes, so that a region never has to grow while requests are in flight:
+growing it under concurrent large payloads is where the python backend has been
+seen to abort the whole server (`boost::interprocess::lock_exception`, Triton
+issues #8882 and #5949). triton_local.supervisor restarts a server that died anyway.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -30,13 +39,42 @@ from functools import cached_property
 from pathlib import Path
 
 from client.readiness import wait_for
+from contract import specs
 from triton_local.repository import PROJECT_ROOT
 
 DEFAULT_VENV = PROJECT_ROOT / ".venv-triton"
 BUILD = PROJECT_ROOT / "build"
 BACKENDS = BUILD / "triton_backends"
 STUB = "triton_python_backend_stub"
-SHM_PREFIX = "triton_python_backend_shm_region_"
+LOOPBACK = "127.0.0.1"
+SHM_PREFIX = "musetalk_triton_shm_"  # every region of our servers: musetalk_triton_shm_<http port>_<uuid>
+DEFAULT_SHM_PREFIX = "triton_python_backend_shm_region_"  # the backend's own naming (servers before ours)
+LEFTOVER_AGE_S = 60.0  # an unmapped region younger than this may be a starting server's: left alone
+MIB = 2**20
+
+
+# What no client of ours needs, and what an intruder would want: loading models (code), reading or
+# mapping shared memory, tracing and logging settings. Health, metadata, model config, statistics
+# and inference stay open to those who reach the server (deploy/ lets only the front ends).
+RESTRICTED = "model-repository,shared-memory,trace,logging"
+
+
+def restricted_api_flags(header: tuple[str, str] | None) -> list[str]:
+    """tritonserver's flags that put RESTRICTED behind a header (name, value), on HTTP and gRPC."""
+    if header is None:
+        return []
+    name, value = header
+    return [f"--http-restricted-api={RESTRICTED}:{name}={value}",
+            f"--grpc-restricted-protocol={RESTRICTED}:{name}={value}"]
+
+
+def shared_memory_bytes() -> int:
+    """Each python-backend model's shared memory, made once: room for the inputs and outputs of
+    the largest execution of any of our models (the audio encoder's 8 segments: ~100 MB), with
+    half as much again to spare. Pages are only used once touched (tmpfs), so the size costs
+    nothing until a request needs it."""
+    largest = max(spec.max_batch_size * spec.bytes_per_item for spec in specs.NETWORKS.values())
+    return -(-int(largest * 1.5) // MIB) * MIB
 
 
 class ServerError(RuntimeError):
@@ -149,53 +187,67 @@ class LocalTriton:
     """A tritonserver process serving `repository`; a context manager.
 
     >>> with LocalTriton(repo) as server:
-    ...     server.http_url  # "localhost:8000"
+    ...     server.http_url  # "127.0.0.1:8000"
     """
 
     def __init__(self, repository: Path, ports: Ports = Ports(), log_file: Path | None = None,
-                 environment: ServerEnvironment | None = None):
+                 environment: ServerEnvironment | None = None, admin_header: tuple[str, str] | None = None):
         self.repository = Path(repository).resolve()
         self.ports = ports
+        self.admin_header = admin_header  # (name, value): what its restricted APIs ask for (RESTRICTED)
         self.log_file = Path(log_file or BUILD / "triton.log")
         self.environment = environment or ServerEnvironment()
         self.process: subprocess.Popen | None = None
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.ports.http}"
+        return f"{LOOPBACK}:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.ports.grpc}"
+        return f"{LOOPBACK}:{self.ports.grpc}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.ports.metrics}/metrics"
+        return f"http://{LOOPBACK}:{self.ports.metrics}/metrics"
+
+    @property
+    def shm_prefix(self) -> str:
+        """Its regions' names begin so: its own (no other running server has its HTTP port)."""
+        return f"{SHM_PREFIX}{self.ports.http}_"
 
     def command(self) -> list[str]:
         return [
             str(self.environment.tritonserver),
             f"--model-repository={self.repository}",
             f"--backend-directory={self.environment.backend_directory()}",
-            f"--http-port={self.ports.http}",
-            f"--grpc-port={self.ports.grpc}",
-            f"--metrics-port={self.ports.metrics}",
+            # Loopback only: whoever reaches Triton can run, load and inspect anything on it; the
+            # front end beside it is the way in (deploy/ closes it with a NetworkPolicy instead).
+            f"--http-address={LOOPBACK}", f"--http-port={self.ports.http}",
+            f"--grpc-address={LOOPBACK}", f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={LOOPBACK}", f"--metrics-port={self.ports.metrics}",
             # No GPU here (pitfall 4).
             "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0",
             "--cuda-memory-pool-byte-size=0:0",
             "--exit-timeout-secs=1",
+            # Shared memory of its own, never grown while serving (the module's docstring says why).
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--backend-config=python,shm-default-byte-size={shared_memory_bytes()}",
+            f"--backend-config=python,shm-growth-byte-size={shared_memory_bytes() // 2}",
+            *restricted_api_flags(self.admin_header),
         ]
 
-    def start(self, timeout: float = 600.0, on_wait: Callable[[], None] | None = None) -> LocalTriton:
+    def start(self, timeout: float = 600.0, on_wait: Callable[[], None] | None = None,
+              append_log: bool = False) -> LocalTriton:
         """Start and wait until every model is ready; `on_wait` is called at each poll
-        (to show progress)."""
-        remove_leftovers()
+        (to show progress). `append_log` keeps what the log holds (a restart after a crash)."""
         for port in (self.ports.http, self.ports.grpc, self.ports.metrics):
             if listening(port):
                 raise ServerError(f"port {port} is already in use: is another server running?")
+        remove_leftovers(own_prefix=self.shm_prefix)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("wb") as log:
+        with self.log_file.open("ab" if append_log else "wb") as log:
             # A session of its own: stop() signals the whole group, stubs included. And it
             # dies with this process, however that ends (Ctrl-C, kill, a crash).
             self.process = start_child(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -228,7 +280,8 @@ class LocalTriton:
         if self.process is None:
             return
         group = self.process.pid  # the session leader's pid is the group id
-        _signal_group(group, signal.SIGTERM)
+        # The stubs of a server that died have nothing left to finish: they go at once.
+        _signal_group(group, signal.SIGTERM if self.process.poll() is None else signal.SIGKILL)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -323,10 +376,12 @@ def _group_alive(group: int) -> bool:
         return False
 
 
-def remove_leftovers(backends: Path = BACKENDS) -> list[int]:
+def remove_leftovers(backends: Path = BACKENDS, own_prefix: str | None = None) -> list[int]:
     """Kill python-backend stubs started from `backends` whose tritonserver is gone
-    (an earlier crash), and unlink shared-memory regions no process maps any more.
-    Returns the pids killed."""
+    (an earlier crash), and unlink shared-memory regions left behind: those of `own_prefix`
+    (a server about to start on ports of its own: they are a dead predecessor's), and any other
+    of ours that no process maps and that is older than LEFTOVER_AGE_S (a younger one may be a
+    server starting right now, between making its region and mapping it). Returns the pids killed."""
     import psutil
 
     stub = str(backends / "python" / STUB)
@@ -339,25 +394,30 @@ def remove_leftovers(backends: Path = BACKENDS) -> list[int]:
         except psutil.Error:
             pass  # gone meanwhile
     psutil.wait_procs([psutil.Process(p) for p in killed if psutil.pid_exists(p)], timeout=5)
-    _remove_unmapped_regions()
+    _remove_regions(own_prefix)
     return killed
 
 
-def _remove_unmapped_regions(shm: Path = Path("/dev/shm")) -> None:
-    regions = list(shm.glob(f"{SHM_PREFIX}*"))
+def _remove_regions(own_prefix: str | None, shm: Path = Path("/dev/shm")) -> None:
+    regions = [r for prefix in (SHM_PREFIX, DEFAULT_SHM_PREFIX) for r in shm.glob(f"{prefix}*")]
     if not regions:
         return
     mapped = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            mapped.update(line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines() if SHM_PREFIX in line)
+            mapped.update(line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines()
+                          if SHM_PREFIX in line or DEFAULT_SHM_PREFIX in line)
         except OSError:
             continue  # the process ended meanwhile, or is not ours to read
+    now = time.time()
     for region in regions:
         # Only our own user's: another user's (or another container's, whose processes
         # /proc does not show) may be in use, and /dev/shm's sticky bit forbids it anyway.
         try:
-            if str(region) not in mapped and region.stat().st_uid == os.getuid():
+            stat = region.stat()
+            own = own_prefix is not None and region.name.startswith(own_prefix)
+            abandoned = str(region) not in mapped and now - stat.st_mtime > LEFTOVER_AGE_S
+            if (own or abandoned) and stat.st_uid == os.getuid():
                 region.unlink()
         except OSError:
             continue  # removed meanwhile

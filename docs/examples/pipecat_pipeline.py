@@ -28,6 +28,7 @@ class Count(FrameProcessor):  # where transport.output() would be: counts what i
 
 async def main():
     out = Count()
+    # the key: api_key=..., or $MUSETALK_API_KEY (none for a front end without keys)
     worker = PipelineWorker(Pipeline([MuseTalkVideoService(url=url, fps=25), out]), idle_timeout_secs=None)
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)

@@ -11,6 +11,7 @@ pcm, rate = soundfile.read(os.environ.get("MUSETALK_SPEECH", "stack/assets/demo_
 
 
 async def main():
+    # the key: api_key=..., or $MUSETALK_API_KEY (none for a front end without keys)
     async with await AvatarSession.open(url, fps=25) as session:   # the avatar is on screen, idle
         viewer = await session.watch()                            # WebRTC (WHEP): frames arrive
         speech = await session.speech(sample_rate=rate)

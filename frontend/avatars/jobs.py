@@ -34,7 +34,7 @@ from pathlib import Path
 from frontend import memory, metrics
 from frontend.admission import Overloaded
 from frontend.avatars.preparation import Cancelled
-from frontend.avatars.store import AvatarExists, AvatarStore
+from frontend.avatars.store import AvatarExists, AvatarStore, owner_of, present
 
 log = logging.getLogger("musetalk.frontend")
 
@@ -136,17 +136,25 @@ class Jobs:
         return Job(avatar_id, self.root / avatar_id)
 
     # -- asked by the routes --------------------------------------------------------------
-    def submit(self, avatar_id: str, upload: bytes, params: dict) -> Job:
+    def submit(self, avatar_id: str, upload: bytes, params: dict, tenant_limit: int | None = None) -> Job:
         """Queue a preparation; Overloaded when `limit` of this front end's are queued or running
-        (each keeps its upload on the shared volume until it ends)."""
+        (each keeps its upload on the shared volume until it ends), or `tenant_limit` of the
+        avatar's tenant's."""
         self.store.ensure_absent(avatar_id)
+        tenant = owner_of(avatar_id)
         with self.writing:
             waiting = len(self.owned)
+            theirs = sum(owner_of(key) == tenant for key in self.owned)
         if waiting >= self.limit:
             metrics.ADMISSIONS.labels("preparation", "refused").inc()
             retry = sum(self.durations) / len(self.durations) * (waiting - self.limit + 1)
             raise Overloaded(f"at capacity for avatar preparations ({waiting} queued or running here); "
                              f"retry in about {retry:.0f} s", retry)
+        if tenant is not None and tenant_limit is not None and theirs >= tenant_limit:
+            metrics.ADMISSIONS.labels("preparation", "refused").inc()
+            retry = sum(self.durations) / len(self.durations)
+            raise Overloaded(f"tenant {tenant!r} has {theirs} avatar preparations queued or running, its limit "
+                             f"(MUSETALK_TENANT_PREPARATIONS); retry in about {retry:.0f} s", retry)
         metrics.ADMISSIONS.labels("preparation", "admitted").inc()
         job = self.job(avatar_id)
         if (job.read() or {}).get("status") == "failed":
@@ -176,8 +184,10 @@ class Jobs:
             out["status"] = "queued"  # its owner is gone: the next front end to look resumes it
         return {k: v for k, v in out.items() if v is not None}
 
-    def list(self) -> list[dict]:
-        return [s for p in sorted(self.root.iterdir()) if (s := self.status(p.name))]
+    def list(self, tenant: str | None = None) -> list[dict]:
+        """The jobs `tenant` sees (its own and the shared avatars'), as it knows them (present)."""
+        return [present(s) for p in sorted(self.root.iterdir())
+                if owner_of(p.name) in (None, tenant) and (s := self.status(p.name))]
 
     def cancel(self, avatar_id: str) -> bool:
         """Stop a queued or running job (any replica's) and forget it; False if none."""

@@ -45,15 +45,16 @@ Progress = Callable[[str, int, int], None]  # (stage, frames done, frames in all
 
 def prepare(avatar_id: str, media: Media, submit: Callable[[np.ndarray], Future], folder: Path,
             bbox_shift: int = 0, extra_margin: int = 10, progress: Progress = lambda *_: None,
-            cancelled: Callable[[], bool] = lambda: False) -> dict:
+            cancelled: Callable[[], bool] = lambda: False, give_way: Callable[[], float] = lambda: 0.0) -> dict:
     """Write the avatar's files into `folder` (frames.mp4, boxes, latents, masks, meta.json);
-    `submit` sends crops to the vae_encoder and returns a Future. Returns the meta."""
+    `submit` sends crops to the vae_encoder and returns a Future. Returns the meta. `give_way()`
+    is called before each frame: it pauses while live work is awaited (frontend/live_first.py)."""
     started = time.perf_counter()
     # Where the time goes. vae_encoder runs on Triton while the frames are read: its figure is
     # what was left to wait for after the last frame.
     seconds = dict.fromkeys(("decode", "detection", "landmarks", "crop_and_mask", "frames_h264",
                              "vae_encoder_wait", "save"), 0.0)
-    landmarks = find_faces(media, progress, cancelled, seconds)
+    landmarks = find_faces(media, progress, cancelled, seconds, give_way)
     total = len(landmarks)
     interpolated = fill_gaps(landmarks)
     faceless = [i for i, points in enumerate(landmarks) if points is None]
@@ -71,6 +72,7 @@ def prepare(avatar_id: str, media: Media, submit: Callable[[np.ndarray], Future]
                 break
             if cancelled():
                 raise Cancelled()
+            give_way()
             t = time.perf_counter()
             writer.write(frame)
             seconds["frames_h264"] += time.perf_counter() - t
@@ -128,13 +130,14 @@ def wait_for(future: Future, cancelled: Callable[[], bool]):
 
 
 def find_faces(media: Media, progress: Progress, cancelled: Callable[[], bool],
-               seconds: dict[str, float]) -> list[np.ndarray | None]:
+               seconds: dict[str, float], give_way: Callable[[], float] = lambda: 0.0) -> list[np.ndarray | None]:
     """Pass 1: landmarks of every frame (None where no face is found)."""
     finder = LandmarkFinder()
     landmarks = []
     for i, frame in enumerate(timed(media.read(), seconds)):
         if cancelled():
             raise Cancelled()
+        give_way()
         landmarks.append(finder.find(frame))
         progress("finding faces", i + 1, 2 * media.frames)
     for stage, value in finder.seconds.items():

@@ -1,13 +1,15 @@
 """Avatars: prepared once (frontend/avatars/preparation.py), stored on disk, reused by every request.
 
 One folder per avatar in the store (MUSETALK_AVATAR_DIR), which may be a volume
-shared by several front ends:
+shared by several front ends. A tenant's avatar is `<tenant>.<id>` (ids have no dots: two
+tenants' avatars of one id never meet); a shared avatar, and every avatar of a service
+without API keys, is `<id>` (frontend/access.py says who may use and change which):
 
-    <id>/meta.json     what it is (size, frames, faces...)
-    <id>/frames.mp4    its frames, H.264 (frontend/avatars/frames.py): read as videos are composed
-    <id>/latents.npy   vae_encoder latents per frame [n, 8, 32, 32] (zeros where no face)
-    <id>/boxes.npy     face box per frame [n, 4] (-1 where no face)
-    <id>/masks.npz     blend mask per frame with a face
+    <key>/meta.json    what it is (size, frames, faces...)
+    <key>/frames.mp4   its frames, H.264 (frontend/avatars/frames.py): read as videos are composed
+    <key>/latents.npy  vae_encoder latents per frame [n, 8, 32, 32] (zeros where no face)
+    <key>/boxes.npy    face box per frame [n, 4] (-1 where no face)
+    <key>/masks.npz    blend mask per frame with a face
 
 A folder appears whole or not at all (it is renamed into place), so no replica
 ever reads half an avatar; every load checks the folder is still the one cached,
@@ -36,6 +38,7 @@ from frontend.avatars.faces import FaceBox
 from frontend.avatars.frames import CycleReader
 
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # whole ids only: fullmatch (a "$" would let "\n" through)
+KEY = re.compile(rf"(?:{SAFE_ID.pattern}\.)?{SAFE_ID.pattern}")  # where it is stored: [tenant.]id
 FORMAT = 2  # 1: raw frames.npy (before 0.2), upgraded when first loaded; 2: frames.mp4
 
 
@@ -64,6 +67,34 @@ def check_id(avatar_id: str) -> str:
     return avatar_id
 
 
+def storage_key(tenant: str | None, avatar_id: str) -> str:
+    """Where an avatar is stored: a tenant's as "<tenant>.<id>"; a shared one (tenant None) as its id."""
+    check_id(avatar_id)
+    return avatar_id if tenant is None else f"{check_id(tenant)}.{avatar_id}"
+
+
+def owner_of(key: str) -> str | None:
+    """The tenant a stored avatar belongs to (None: shared)."""
+    return key.split(".", 1)[0] if "." in key else None
+
+
+def name_of(key: str) -> str:
+    """The id its owner knows a stored avatar by."""
+    return key.rsplit(".", 1)[-1]
+
+
+def present(state: dict) -> dict:
+    """An avatar's meta, or its job's status, as its owner sees it: its own id, and whether it is shared."""
+    key = state.get("id", "")
+    return {**state, "id": name_of(key), "shared": owner_of(key) is None}
+
+
+def _check_key(key: str) -> str:
+    if not KEY.fullmatch(key or ""):
+        check_id(key)  # says what an id may be
+    return key
+
+
 @dataclass
 class Avatar:
     id: str
@@ -84,6 +115,11 @@ class Avatar:
             return open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=self.directory))
         except FileNotFoundError:
             raise AvatarChanged(f"avatar {self.id!r} was replaced or deleted while in use; retry") from None
+
+    @property
+    def name(self) -> str:
+        """The id its owner knows it by (`id` is where it is stored: [tenant.]id)."""
+        return name_of(self.id)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -188,7 +224,7 @@ class AvatarStore:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, avatar_id: str) -> Path:
-        return self.root / check_id(avatar_id)
+        return self.root / _check_key(avatar_id)
 
     def exists(self, avatar_id: str) -> bool:
         return (self.path(avatar_id) / "meta.json").is_file()
@@ -246,11 +282,15 @@ class AvatarStore:
             if _format(meta.parent) == 1:
                 self.load(meta.parent.name)
 
-    def list(self) -> list[dict]:
+    def list(self, tenant: str | None = None) -> list[dict]:
+        """The ready avatars `tenant` sees: its own and the shared ones (tenant None: the shared ones),
+        as it knows them (present)."""
         out = []
         for meta in self._metas():
+            if owner_of(meta.parent.name) not in (None, tenant):
+                continue
             try:
-                out.append({**json.loads(meta.read_text()), "status": "ready"})
+                out.append(present({**json.loads(meta.read_text()), "id": meta.parent.name, "status": "ready"}))
             except (OSError, ValueError):
                 continue  # deleted meanwhile
         return out

@@ -11,24 +11,46 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FuturesTimeout
 
+import numpy as np
+
+from contract.priority import Priority
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
-from frontend.generation.core import Report, composed, write_frames
+from frontend.generation.core import AGE_AFTER_S, Report, composed, write_frames
+from frontend.live_first import LiveFirst
 from frontend.speech import audio
 from frontend.video.writers import FragmentedMp4Writer, Mp4Writer, aac_input
 
 log = logging.getLogger("musetalk.frontend")
 
 
-def frame_windows(speech: audio.Speech, fps: int, client, report: Report) -> audio.FrameWindows:
+def frame_windows(speech: audio.Speech, fps: int, client, report: Report,
+                  live_first: LiveFirst | None = None) -> audio.FrameWindows:
     """Every frame's audio window, made batch by batch: log-mel, audio_encoder on Triton,
-    upstream's windowing."""
+    upstream's windowing. One 30 s segment per request, each after giving way to live work: on a
+    CPU an execution cannot be interrupted, and a session's segment that starts meanwhile waits
+    for at most one of them."""
     started = time.perf_counter()
-    hidden = client.audio_encoder(audio.mel_segments(speech.samples_16k))
-    windows = audio.FrameWindows(hidden, speech.seconds, fps)
+    live_first = live_first or LiveFirst(enabled=False)
+    hidden = []
+    for segment in audio.mel_segments(speech.samples_16k):
+        live_first.give_way()
+        hidden.append(_encoded(client, segment[None]))
+    windows = audio.FrameWindows(np.concatenate(hidden), speech.seconds, fps)
     report.audio_features = time.perf_counter() - started
     return windows
+
+
+def _encoded(client, mel: np.ndarray) -> np.ndarray:
+    """The audio encoder's answer at the offline level; kept waiting by live work, once more at a
+    session's level (ageing, as core.InFlight's)."""
+    future = client.submit(client.audio_encoder, mel, priority=Priority.OFFLINE)
+    try:
+        return future.result(timeout=AGE_AFTER_S)
+    except FuturesTimeout:
+        return client.audio_encoder(mel, priority=Priority.SESSION) if future.cancel() else future.result()
 
 
 def start_report(speech: audio.Speech, fps: int) -> Report:
@@ -40,15 +62,16 @@ def start_report(speech: audio.Speech, fps: int) -> Report:
 
 def generate(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size: int = 16,
              in_flight: int = 4, encode: bool = True, preset: str = "veryfast",
-             ) -> tuple[bytes | None, Report]:
-    """Generate every frame; return the mp4's bytes (None if `encode` is False) and timings."""
+             live_first: LiveFirst | None = None) -> tuple[bytes | None, Report]:
+    """Generate every frame; return the mp4's bytes (None if `encode` is False) and timings.
+    It gives way to live work (`live_first`: frontend/live_first.py)."""
     started = time.perf_counter()
     report = start_report(speech, fps)
-    windows = frame_windows(speech, fps, client, report)
+    windows = frame_windows(speech, fps, client, report, live_first)
     width, height = avatar.size
     writer = Mp4Writer(width, height, fps, speech.original, speech.original_rate, preset) if encode else None
     try:
-        for frames in composed(avatar, windows, client, report, batch_size, in_flight):
+        for frames in composed(avatar, windows, client, report, batch_size, in_flight, live_first=live_first):
             if writer is None:
                 report.first_frame = report.first_frame or time.perf_counter() - started
             else:
@@ -70,23 +93,24 @@ def generate(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size:
 
 
 def stream(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size: int = 16,
-           in_flight: int = 4, preset: str = "veryfast", on_end=lambda: None) -> Iterator[bytes]:
+           in_flight: int = 4, preset: str = "veryfast", on_end=lambda: None,
+           live_first: LiveFirst | None = None) -> Iterator[bytes]:
     """Fragmented MP4 as the frames are made: the init segment with the first fragment,
     one fragment per batch, and a trailer box with the status and timings. An error
     after the first byte ends the stream with an error trailer (the frames made stay
     playable); one before it is raised, for the usual JSON answer. `on_end()` runs when
     the stream ends, whichever way (finished, failed, or closed by a client that left)."""
     try:
-        yield from _stream(avatar, speech, fps, client, batch_size, in_flight, preset)
+        yield from _stream(avatar, speech, fps, client, batch_size, in_flight, preset, live_first)
     finally:
         on_end()
 
 
 def _stream(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size: int, in_flight: int,
-            preset: str) -> Iterator[bytes]:
+            preset: str, live_first: LiveFirst | None) -> Iterator[bytes]:
     started = time.perf_counter()
     report = start_report(speech, fps)
-    windows = frame_windows(speech, fps, client, report)
+    windows = frame_windows(speech, fps, client, report, live_first)
     width, height = avatar.size
     track, rate = aac_input(speech.original, speech.original_rate)
     writer = FragmentedMp4Writer(width, height, fps, rate, preset)
@@ -94,7 +118,8 @@ def _stream(avatar: Avatar, speech: audio.Speech, fps: int, client, batch_size: 
     written = 0
     metrics.STREAMS.inc()
     try:
-        for frames in composed(avatar, windows, client, report, batch_size, in_flight, ramp=True):
+        for frames in composed(avatar, windows, client, report, batch_size, in_flight, ramp=True,
+                               live_first=live_first):
             chunk = write_frames(writer, frames, report, started)
             written += len(frames)
             yield chunk

@@ -14,11 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from contract.priority import Priority
 from frontend.avatars.store import Avatar
+from frontend.live_first import LiveFirst
 from frontend.speech.incremental import IncrementalFeatures
 
 
@@ -45,21 +48,42 @@ class Report:
                 "frames_per_second": round(self.frames_per_second, 3)}
 
 
+AGE_AFTER_S = 10.0  # a batch below a session's priority still unanswered this long goes again at it
+
+
+@dataclass
+class Batch:
+    """Frames on their way through the ensemble: what was sent, at which priority, when."""
+
+    indices: list[int]
+    windows: np.ndarray | None  # kept to send it again (ageing); None where it cannot age
+    priority: int
+    future: Future
+    sent: float = field(default_factory=time.monotonic)
+
+
 class InFlight:
     """Batches of frames on their way through the ensemble, answered in order.
 
     `submit` sends a batch (frame indices with their audio windows; frame i takes
     the avatar's latents at cycle position `start + i`) on the client's own
-    threads; `next` waits for the oldest one. `cancel` cancels every batch on the
-    server too (over gRPC: see MuseTalkClient.submit).
+    threads, at a priority in Triton's queues (contract.priority); `next` waits for
+    the oldest one. `cancel` cancels every batch on the server too (over gRPC: see
+    MuseTalkClient.submit).
+
+    Ageing: Triton serves higher levels first, so a server that live work keeps busy could
+    keep an offline batch queued for ever (and its deadline would expire). A batch below a
+    session's level that has waited AGE_AFTER_S is cancelled and sent again at the session's
+    level, once: offline work always finishes, in its turn among the sessions' frames.
     """
 
     def __init__(self, avatar: Avatar, client, report: Report, start: int = 0):
         self.avatar, self.client, self.report, self.start = avatar, client, report, start
-        self.batches: deque[tuple[list[int], Future]] = deque()
+        self.batches: deque[Batch] = deque()
         self.requests = 0  # sent to Triton
         self.answered = 0  # batches answered
         self.cancelled = 0  # cancelled before their answer came
+        self.aged = 0  # sent again at a session's level after waiting AGE_AFTER_S
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -67,30 +91,51 @@ class InFlight:
     @property
     def frames(self) -> int:
         """Frames on their way."""
-        return sum(len(indices) for indices, _ in self.batches)
+        return sum(len(batch.indices) for batch in list(self.batches))
 
-    def submit(self, indices: Sequence[int], windows: np.ndarray) -> None:
-        sources = [self.avatar.cycle_index(self.start + i) for i in indices]
-        future = self.client.submit(self.client.musetalk, windows, self.avatar.latents[sources])
-        self.batches.append((list(indices), future))
+    def submit(self, indices: Sequence[int], windows: np.ndarray, priority: int = Priority.OFFLINE) -> None:
+        future = self._send(list(indices), windows, priority)
+        self.batches.append(Batch(list(indices), windows if priority > Priority.SESSION else None, priority, future))
+
+    def _send(self, indices: list[int], windows: np.ndarray, priority: int) -> Future:
         self.requests += 1
+        latents = self.avatar.latents[[self.avatar.cycle_index(self.start + i) for i in indices]]
+        return self.client.submit(self.client.musetalk, windows, latents, priority=priority)
 
     def head_done(self) -> bool:
-        return bool(self.batches) and self.batches[0][1].done()
+        return bool(self.batches) and self.batches[0].future.done()
 
     def next(self) -> tuple[list[int], np.ndarray]:
         """(frame indices, faces [k, 256, 256, 3] uint8 BGR) of the oldest batch; waits for it."""
-        indices, future = self.batches.popleft()
+        batch = self.batches[0]
         started = time.perf_counter()
-        faces = future.result()
+        while True:
+            try:
+                faces = batch.future.result(timeout=max(0.0, batch.sent + AGE_AFTER_S - time.monotonic())
+                                            if batch.priority > Priority.SESSION else None)
+                break
+            except FuturesTimeout:
+                self.age()
         self.report.waiting_for_triton += time.perf_counter() - started
+        self.batches.popleft()
         self.answered += 1
-        return indices, faces
+        return batch.indices, faces
+
+    def age(self) -> None:
+        """Send again, at a session's level, the batches below it that have waited AGE_AFTER_S."""
+        now = time.monotonic()
+        for batch in self.batches:
+            if batch.priority <= Priority.SESSION or now - batch.sent < AGE_AFTER_S:
+                continue
+            if batch.future.cancel():  # still queued: sent again
+                self.aged += 1
+                batch.future = self._send(batch.indices, batch.windows, Priority.SESSION)
+            batch.priority, batch.sent, batch.windows = Priority.SESSION, now, None
 
     def cancel(self) -> None:
         """Cancel every batch: on the server too where the transport allows it."""
-        for _, future in self.batches:
-            if future.cancel():
+        for batch in self.batches:
+            if batch.future.cancel():
                 self.cancelled += 1
         self.batches.clear()
 
@@ -130,18 +175,24 @@ def batches(n_frames: int, batch_size: int, ramp: bool = False) -> list[tuple[in
 
 
 def composed(avatar: Avatar, windows: np.ndarray, client, report: Report, batch_size: int,
-             in_flight: int, ramp: bool = False) -> Iterator[list[np.ndarray]]:
+             in_flight: int, ramp: bool = False, priority: int = Priority.OFFLINE,
+             live_first: LiveFirst | None = None) -> Iterator[list[np.ndarray]]:
     """The composed frames of every window, batch by batch, in order. With `ramp`, the
-    first batch goes alone (nothing merges with it in Triton's batcher: it comes back soonest)."""
+    first batch goes alone (nothing merges with it in Triton's batcher: it comes back soonest).
+    Offline work gives way to live work (`live_first`): while someone waits for a live frame,
+    it sends nothing to Triton and composes nothing."""
     flight, composer = InFlight(avatar, client, report), Composer(avatar, report)
     todo = deque(batches(len(windows), batch_size, ramp))
+    live_first = live_first or LiveFirst(enabled=False)
     limit = 1 if ramp else in_flight
     try:
         while todo or flight:
             while todo and len(flight) < limit:
+                live_first.give_way()
                 start, stop = todo.popleft()
-                flight.submit(range(start, stop), windows[start:stop])
+                flight.submit(range(start, stop), windows[start:stop], priority)
             indices, faces = flight.next()
+            live_first.give_way()
             yield [composer.frame(i, face) for i, face in zip(indices, faces)]
             limit = in_flight
     finally:
@@ -172,12 +223,15 @@ class Utterance:
     and takes faces with `next()` while `ready()`. `keep(indices)` may choose which
     released frames need a face (a session skips silent ones); `step(until=k)`
     sends no frame from k on (a session generates only so far ahead of playback).
+    `priority()` is the level of its next requests in Triton's queues (contract.priority).
     """
 
     def __init__(self, avatar: Avatar, client, fps: int, report: Report, batch_size: int = 8,
                  in_flight: int = 3, start: int = 0,
-                 keep: Callable[[list[int]], list[bool]] | None = None):
+                 keep: Callable[[list[int]], list[bool]] | None = None,
+                 priority: Callable[[], int] = lambda: Priority.LIVE):
         self.client, self.report, self.batch_size, self.in_flight = client, report, batch_size, in_flight
+        self.priority = priority
         self.features = IncrementalFeatures(fps)
         self.flight = InFlight(avatar, client, report, start)
         self.keep = keep
@@ -215,6 +269,7 @@ class Utterance:
     def step(self, until: int | None = None) -> None:
         self._encode_audio()
         self._send_frames(until)
+        self.flight.age()
 
     def ready(self) -> bool:
         return self.flight.head_done()
@@ -244,7 +299,7 @@ class Utterance:
         # (bigger batches), so the encoder never takes the compute the frames need.
         if self.encoding is None and self.pending < self.batch_size and self.features.due():
             covers, mel = self.features.run_input()
-            self.encoding = (covers, self.client.submit(self.client.audio_encoder, mel))
+            self.encoding = (covers, self.client.submit(self.client.audio_encoder, mel, priority=self.priority()))
             self.flight.requests += 1
         if self.features.ended and self.encoding is None and not self.features.due():
             self._release()  # the frames after the last steps
@@ -274,4 +329,4 @@ class Utterance:
                 if self.waiting and until is not None and self.waiting[0][0] >= until:
                     return
                 continue
-            self.flight.submit([i for i, _ in take], np.stack([w for _, w in take]))
+            self.flight.submit([i for i, _ in take], np.stack([w for _, w in take]), self.priority())

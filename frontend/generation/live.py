@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract import specs
+from contract.priority import Priority
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
 from frontend.exceptions import LiveTooLong
 from frontend.generation.core import Composer, Report, Utterance, write_frames
+from frontend.live_first import LiveFirst
 from frontend.speech.pcm import EMPTY, Pcm16, Resampler
 from frontend.video.writers import FragmentedMp4Writer
 
@@ -82,14 +84,16 @@ class LiveSession:
     is the session's own thread; `send` receives bytes (fMP4) and dicts (messages)."""
 
     def __init__(self, avatar: Avatar, fps: int, sample_rate: int, client, send: Callable[[bytes | dict], None],
-                 options: LiveOptions = LiveOptions()):
+                 options: LiveOptions = LiveOptions(), live_first: LiveFirst | None = None):
         self.fps, self.send, self.options = fps, send, options
+        self.live_first = live_first or LiveFirst(enabled=False)  # told while its first frame is awaited
         self.pcm, self.to_16k = Pcm16(), Resampler(sample_rate, specs.SAMPLE_RATE)
         self.sample_rate = sample_rate
         self._inbox_bytes, self._inbox_lock = 0, threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.report = Report(frames=0, fps=fps, audio_seconds=0.0)
-        self.utterance = Utterance(avatar, client, fps, self.report, options.batch_size, options.in_flight)
+        self.utterance = Utterance(avatar, client, fps, self.report, options.batch_size, options.in_flight,
+                                   priority=lambda: Priority.LIVE)
         self.composer = Composer(avatar, self.report)
         self.latencies = Latencies(fps)
         width, height = avatar.size
@@ -128,6 +132,7 @@ class LiveSession:
             while not self._step():
                 pass
         finally:
+            self.live_first.arrived(self)
             self.utterance.cancel()
             self.composer.close()
             self.writer.close()
@@ -172,6 +177,8 @@ class LiveSession:
             return
         if self.utterance.seconds + len(samples) / specs.SAMPLE_RATE > self.options.max_seconds:
             raise LiveTooLong(f"a live session takes at most {self.options.max_seconds:g} s of speech")
+        if not self.utterance.seconds and len(samples):
+            self.live_first.awaited(self)  # its first frame: offline work gives way until it has left
         self.utterance.add(samples)
         self.writer.add_audio(samples)
         self.latencies.arrived(self.utterance.features.received, when)
@@ -181,6 +188,7 @@ class LiveSession:
             indices, faces = self.utterance.next()
             frames = [self.composer.frame(i, face) for i, face in zip(indices, faces)]
             self.send(write_frames(self.writer, frames, self.report, self.started))
+            self.live_first.arrived(self)
             now = time.perf_counter()
             for i in indices:
                 self.latencies.sent(i, now)

@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from contract import specs
+from frontend.access import Caller
 from frontend.generation import answers
+from frontend.routes.auth import key_holder
 from frontend.services import Services, services
 from frontend.speech import audio
 
@@ -50,6 +52,7 @@ def onnx_infer(
     stream: bool = Form(False, description="answer fragmented MP4 while the frames are made "
                         "(chunked): a <video> element or ffplay starts before the clip is finished"),
     s: Services = Depends(services),
+    caller: Caller = Depends(key_holder),
 ):
     """Speech in, lip-synced video of the avatar out (H.264 + AAC mp4).
 
@@ -58,23 +61,24 @@ def onnx_infer(
     it): a stream without it was cut short. Random-weight deployments (`--synthetic`
     exports) give real timings but no lip sync: the faces are noise.
     """
-    avatar = s.avatar(avatar_id)
+    avatar = s.avatar(avatar_id, caller)
     speech = audio.decode(s.read_upload(audio_file), s.settings.max_audio_seconds)
     batch = batch_size or s.settings.batch_size
     frames = audio.frame_count(speech.seconds, fps)  # what it costs: admission counts frames
     if stream and not skip_save_images:
-        s.generations.acquire(frames)  # released by the stream when it ends, however it ends
+        s.generations.acquire(frames, caller.tenant)  # released by the stream when it ends, however it ends
         chunks = answers.stream(avatar, speech, fps, s.client, batch, s.settings.in_flight,
-                                 s.settings.x264_preset, on_end=lambda: s.generations.release(frames))
+                                s.settings.x264_preset, on_end=lambda: s.generations.release(frames, caller.tenant),
+                                live_first=s.live_first)
         first = next(chunks)  # errors before the first byte are the usual JSON answers
         return ClosingStream(_body(first, chunks), media_type="video/mp4",
                              headers={"X-Frame-Count": str(frames), "Cache-Control": "no-store"})
-    with s.generations.admit(frames):
+    with s.generations.admit(frames, caller.tenant):
         video, report = answers.generate(
             avatar, speech, fps, s.client, batch, s.settings.in_flight,
-            encode=not skip_save_images, preset=s.settings.x264_preset,
+            encode=not skip_save_images, preset=s.settings.x264_preset, live_first=s.live_first,
         )
     headers = {"X-Frame-Count": str(report.frames), "X-Timings": json.dumps(report.as_dict())}
     if video is None:
-        return JSONResponse({"avatar_id": avatar.id, **report.as_dict()}, headers=headers)
+        return JSONResponse({"avatar_id": avatar.name, **report.as_dict()}, headers=headers)
     return Response(video, media_type="video/mp4", headers=headers)

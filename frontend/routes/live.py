@@ -21,6 +21,7 @@ import threading
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from contract import logs
 from frontend import metrics
 from frontend.errors import refuse_websocket
 from frontend.exceptions import Draining, LiveIdle
@@ -43,12 +44,14 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
     s: Services = websocket.app.state.services
     await websocket.accept()
     try:
+        caller = s.access.key_holder(websocket.headers, websocket.query_params)
+        logs.bind(tenant=caller.name)
         fps = int_parameter("fps", fps, 1, 60)
         sample_rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
-        avatar = s.avatar(avatar_id)
+        avatar = s.avatar(avatar_id, caller)
         if s.sessions.draining:
             raise Draining("this replica is shutting down; connect again (another replica takes it)")
-        s.live_slots.take()
+        s.live_slots.take(caller.tenant)
     except Exception as error:  # noqa: BLE001 - every refusal is an error message and a close code
         await refuse_websocket(websocket, error)
         return
@@ -57,7 +60,7 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
         ending = await _serve(websocket, s, avatar, fps, sample_rate)
     finally:
         metrics.LIVE_SESSIONS.dec()
-        s.live_slots.release()
+        s.live_slots.release(caller.tenant)
     # The slot is free before the client hears the end: a client that reconnects at once finds it.
     if isinstance(ending, BaseException):
         await refuse_websocket(websocket, ending)
@@ -95,9 +98,9 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
     options = LiveOptions(batch_size=min(s.settings.batch_size, 8), in_flight=s.settings.in_flight,
                           preset=s.settings.x264_preset, max_seconds=s.settings.max_live_seconds,
                           max_lag_s=s.settings.max_live_lag_seconds)
-    session = LiveSession(avatar, fps, sample_rate, s.client, send, options)
+    session = LiveSession(avatar, fps, sample_rate, s.client, send, options, s.live_first)
     width, height = avatar.size
-    await websocket.send_json({"type": "start", "avatar_id": avatar.id, "fps": fps, "width": width,
+    await websocket.send_json({"type": "start", "avatar_id": avatar.name, "fps": fps, "width": width,
                                "height": height, "codecs": session.codecs,
                                "synthetic_weights": s.synthetic_weights()})
     worker = _in_thread(loop, session.run)

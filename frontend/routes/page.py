@@ -26,6 +26,7 @@ def info(s: Services = Depends(services)):
     and the inference server's measured pace (seconds per frame through the ensemble, as this
     front end has seen it; null before its first frame), which the time limit applies to."""
     return {"synthetic_weights": s.synthetic_weights(), "default_avatar": s.settings.default_avatar,
+            "api_keys": not s.access.open,
             "max_audio_seconds": s.settings.max_audio_seconds, "max_upload_mb": s.settings.max_upload_mb,
             "seconds_per_frame": s.client.deadlines.seconds_per_item(specs.MUSETALK.name),
             "max_request_seconds": s.settings.max_request_seconds}

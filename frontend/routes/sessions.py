@@ -1,11 +1,19 @@
 """Conversational sessions: an avatar always on screen, watched over WebRTC (WHEP), speaking
 the speech a voice agent sends it, segment by segment, interrupted at once.
 
-    POST   /sessions                       JSON {avatar_id, fps, ...} -> 201 {id, whep, speech, ...}
+    POST   /sessions                       JSON {avatar_id, fps, ...} -> 201 {id, whep, speech, viewer_token,
+                                           speaker_token, ...}
     GET    /sessions, /sessions/{id}       state, frames sent, latency figures, Triton calls
     DELETE /sessions/{id}                  ends it (viewers disconnected, Triton requests cancelled)
+    POST   /sessions/{id}/tokens           fresh viewer and speaker tokens
     POST   /sessions/{id}/whep             an SDP offer (application/sdp) -> 201, the SDP answer, Location
     DELETE /sessions/{id}/whep/{viewer}    that viewer leaves
+
+Who may (with API keys: frontend/access.py): the owner's key everything; a viewer token of the
+session its WHEP offer and its viewer's DELETE; a speaker token its speech socket (in
+`Authorization`, or `?token=` from a browser); either token its GET. Anyone else: 404, as for a
+session that does not exist; a token in the wrong role: 403.
+
     WebSocket /sessions/{id}/speech?sample_rate=16000
         client -> server: binary 16-bit little-endian mono PCM, at any pace (a TTS sends faster than
                           real time: it is queued and played in real time); {"type": "segment_end"}
@@ -30,8 +38,11 @@ from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from contract import logs
+from frontend.access import SPEAKER, VIEWER, Caller, audit
 from frontend.errors import UnsupportedMediaType, refuse_websocket
 from frontend.exceptions import OfferError, SpeechSocketBusy
+from frontend.routes.auth import any_caller, key_holder
 from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services, services
 from frontend.sessions.session import Session
@@ -55,40 +66,63 @@ def describe(session: Session) -> dict:
     return {**session.status(), "whep": f"/sessions/{session.id}/whep", "speech": f"/sessions/{session.id}/speech"}
 
 
+def session_for(s: Services, session_id: str, caller: Caller, *roles: str) -> Session:
+    """The session, if `caller` may act on it (its owner's key, or a token of it in `roles`)."""
+    session = s.sessions.get(session_id)
+    s.access.for_session(session, caller, roles)
+    logs.bind(session=session.id)
+    return session
+
+
 @router.post("", status_code=201)
-def create_session(request: NewSession, s: Services = Depends(services)):
+def create_session(request: NewSession, s: Services = Depends(services), caller: Caller = Depends(key_holder)):
     """Open a session: the avatar is on screen (idle) from now on, for whoever watches it
-    (`whep`), speaking whatever `speech` receives. It ends by DELETE, or after
-    MUSETALK_SESSION_IDLE_SECONDS without a viewer and without speech."""
-    avatar = s.avatar(request.avatar_id)
+    (`whep`, with the `viewer_token`), speaking whatever `speech` receives (with the
+    `speaker_token`). It ends by DELETE, or after MUSETALK_SESSION_IDLE_SECONDS without a viewer
+    and without speech."""
+    avatar = s.avatar(request.avatar_id, caller)
     chosen = request.model_dump(include=request.model_fields_set & {"transition_frames", "silence_dbfs"})
-    session = s.sessions.create(avatar, s.session_options(request.fps, **chosen))
-    body = {**describe(session), "ice_servers": session.ice_servers, "synthetic_weights": s.synthetic_weights()}
+    session = s.sessions.create(avatar, s.session_options(request.fps, **chosen), caller.tenant)
+    audit(caller, "created", "session", session.id)
+    body = {**describe(session), **s.access.session_tokens(session.id), "ice_servers": session.ice_servers,
+            "synthetic_weights": s.synthetic_weights()}
     return JSONResponse(body, status_code=201, headers={"Location": f"/sessions/{session.id}"})
 
 
 @router.get("")
-def list_sessions(s: Services = Depends(services)):
-    """The sessions of this replica."""
-    return {"sessions": [describe(session) for session in s.sessions.all()]}
+def list_sessions(s: Services = Depends(services), caller: Caller = Depends(key_holder)):
+    """The caller's sessions on this replica."""
+    return {"sessions": [describe(session) for session in s.sessions.of(caller.tenant)]}
 
 
 @router.get("/{session_id}")
-def get_session(session_id: str, s: Services = Depends(services)):
-    return describe(s.sessions.get(session_id))
+def get_session(session_id: str, s: Services = Depends(services), caller: Caller = Depends(any_caller)):
+    return describe(session_for(s, session_id, caller, VIEWER, SPEAKER))
 
 
 @router.delete("/{session_id}")
-async def delete_session(session_id: str, s: Services = Depends(services)):
+async def delete_session(session_id: str, s: Services = Depends(services), caller: Caller = Depends(any_caller)):
+    session_for(s, session_id, caller)
     await s.sessions.end(session_id)
+    audit(caller, "deleted", "session", session_id)
     return {"deleted": session_id}
+
+
+@router.post("/{session_id}/tokens", status_code=201)
+def new_tokens(session_id: str, s: Services = Depends(services), caller: Caller = Depends(any_caller)):
+    """Fresh viewer and speaker tokens of the session (its owner's key only)."""
+    session_for(s, session_id, caller)
+    return s.access.session_tokens(session_id)
 
 
 @router.post("/{session_id}/whep", status_code=201, response_class=Response,
              responses={201: {"content": {"application/sdp": {}}, "description": "the SDP answer"}})
-async def watch(session_id: str, request: Request, s: Services = Depends(services)):
-    """WHEP: POST an SDP offer (`application/sdp`, non-trickle: every candidate in it), get the
-    SDP answer; `Location` is the viewer, whose DELETE ends it."""
+async def watch(session_id: str, request: Request, s: Services = Depends(services),
+                caller: Caller = Depends(any_caller)):
+    """WHEP: POST an SDP offer (`application/sdp`, non-trickle: every candidate in it), with the
+    session's viewer token (or its owner's key) as `Authorization: Bearer`; get the SDP answer.
+    `Location` is the viewer, whose DELETE (with the same token) ends it."""
+    session_for(s, session_id, caller, VIEWER)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/sdp":
         raise UnsupportedMediaType(f"a WHEP offer is application/sdp, not {kind or 'no Content-Type'}")
@@ -111,7 +145,9 @@ def ice_link(url: str, server: dict) -> str:
 
 
 @router.delete("/{session_id}/whep/{viewer_id}")
-async def stop_watching(session_id: str, viewer_id: str, s: Services = Depends(services)):
+async def stop_watching(session_id: str, viewer_id: str, s: Services = Depends(services),
+                        caller: Caller = Depends(any_caller)):
+    session_for(s, session_id, caller, VIEWER)
     await s.sessions.unwatch(session_id, viewer_id)
     return {"deleted": viewer_id}
 
@@ -121,8 +157,9 @@ async def speech(websocket: WebSocket, session_id: str, sample_rate: str = "1600
     s: Services = websocket.app.state.services
     await websocket.accept()
     try:
+        caller = s.access.caller(websocket.headers, websocket.query_params)
+        session = session_for(s, session_id, caller, SPEAKER)
         rate = int_parameter("sample_rate", sample_rate, 8000, 96000, " Hz")
-        session = s.sessions.get(session_id)
         # A client that closes its socket and opens another at once (a new sample rate) may come
         # back before the old one's end has run here: it gets a moment, not a refusal.
         for _ in range(round(SPEAKER_HANDOVER_S / 0.02)):

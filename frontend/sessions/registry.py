@@ -16,6 +16,7 @@ from frontend import metrics
 from frontend.admission import LiveSlots
 from frontend.avatars.store import Avatar
 from frontend.exceptions import Draining, SessionNotFound, TooManyViewers
+from frontend.live_first import LiveFirst
 from frontend.sessions import viewers
 from frontend.sessions.idle import IdleCycles
 from frontend.sessions.routing import SessionIds
@@ -27,23 +28,25 @@ log = logging.getLogger("musetalk.frontend")
 
 class Sessions:
     def __init__(self, client, slots: LiveSlots, idle_seconds: float, ice: IceServers, idle_cycles: IdleCycles,
-                 ids: SessionIds | None = None, max_viewers: int = 8):
+                 ids: SessionIds | None = None, max_viewers: int = 8, live_first: LiveFirst | None = None):
         self.client, self.slots, self.idle_seconds = client, slots, idle_seconds
+        self.live_first = live_first or LiveFirst(enabled=False)
         self.ice, self.idle_cycles, self.ids, self.max_viewers = ice, idle_cycles, ids or SessionIds(), max_viewers
         self.draining = False
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self, avatar: Avatar, options: SessionOptions) -> Session:
+    def create(self, avatar: Avatar, options: SessionOptions, tenant: str | None = None) -> Session:
+        """A new session of `tenant` (None: the open service's), started."""
         if self.draining:
             raise Draining("this replica is shutting down; open the session again (another replica takes it)")
-        self.slots.take()
+        self.slots.take(tenant)
         try:
             session_id = self.ids.new()
             session = Session(session_id, avatar, self.client, options, self.idle_cycles,
-                              self.ice.for_session(session_id), self.max_viewers).start()
+                              self.ice.for_session(session_id), self.max_viewers, self.live_first, tenant).start()
         except BaseException:
-            self.slots.release()  # a session that could not be built holds nothing
+            self.slots.release(tenant)  # a session that could not be built holds nothing
             raise
         with self._lock:
             self._sessions[session.id] = session
@@ -61,6 +64,10 @@ class Sessions:
         with self._lock:
             return list(self._sessions.values())
 
+    def of(self, tenant: str | None) -> list[Session]:
+        """The sessions of `tenant` (None: those of the open service)."""
+        return [session for session in self.all() if session.tenant == tenant]
+
     async def end(self, session_id: str, reason: str = "ended") -> None:
         """End a session: its viewers are disconnected, its Triton requests cancelled; its speech
         socket hears `reason` ("ended", "expired", "draining")."""
@@ -75,7 +82,7 @@ class Sessions:
                 await viewer.close()
             await asyncio.to_thread(session.closed.wait, 30)
         finally:
-            self.slots.release()
+            self.slots.release(session.tenant)
             metrics.SESSIONS.dec()
 
     async def watch(self, session_id: str, offer_sdp: str) -> viewers.Viewer:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from contract import specs
+from contract.priority import Priority
 from frontend.exceptions import SegmentTooLong
 from frontend.generation.core import Report, Utterance
 from frontend.speech import audio
@@ -38,7 +39,7 @@ class Segment:
         self.sample_rate = sample_rate
         self.report = Report(frames=0, fps=fps, audio_seconds=0.0)
         self.utterance = Utterance(avatar, client, fps, self.report, options.batch_size, options.in_flight,
-                                   start=start, keep=self._needs_face)
+                                   start=start, keep=self._needs_face, priority=self._priority)
         self.pcm = Pcm16()
         self.to_16k, self.to_48k = Resampler(sample_rate, specs.SAMPLE_RATE), Resampler(sample_rate, AUDIO_RATE)
         self.audio = np.zeros(0, np.float32)  # the segment's 48 kHz audio not yet played
@@ -165,6 +166,11 @@ class Segment:
         multiplier = specs.AUDIO_STEPS_PER_SECOND / self.fps
         first_step = math.floor(k * multiplier) - math.ceil(multiplier) * audio.PAD_LEFT
         return 2 * first_step, 2 * (first_step + specs.CHUNK_STEPS)
+
+    def _priority(self) -> Priority:
+        """Until it plays, someone is waiting to see it speak: its requests go before everything
+        else in Triton's queues; once it plays, it is ahead of its playback (ahead_seconds)."""
+        return Priority.SEGMENT_START if self.played == 0 else Priority.SESSION
 
     def _needs_face(self, indices: list[int]) -> list[bool]:
         alphas = [self.alpha(k) for k in indices]

@@ -33,6 +33,7 @@ from frontend.avatars.store import Avatar
 from frontend.errors import status_of
 from frontend.exceptions import SegmentTooLong, SessionNotFound, TooManyViewers
 from frontend.generation.core import Composer, Report
+from frontend.live_first import LiveFirst
 from frontend.sessions.idle import IdleCycles
 from frontend.sessions.media import MediaOut
 from frontend.sessions.segments import Segment
@@ -103,8 +104,11 @@ class Session:
     called from any thread; everything else runs on the session's own thread."""
 
     def __init__(self, session_id: str, avatar: Avatar, client, options: SessionOptions, idle_cycles: IdleCycles,
-                 ice_servers: list[dict] | None = None, max_viewers: int = 8):
+                 ice_servers: list[dict] | None = None, max_viewers: int = 8, live_first: LiveFirst | None = None,
+                 tenant: str | None = None):
         self.id, self.avatar, self.client, self.options = session_id, avatar, client, options
+        self.tenant = tenant  # its owner (frontend/access.py); None: the open service's
+        self.live_first = live_first or LiveFirst(enabled=False)  # told when a segment is awaited and plays
         self.ice_servers = ice_servers or []  # its peers' (ours and its viewers'): static, and TURN minted for it
         self.max_viewers = max_viewers
         self.end_reason = "ended"
@@ -212,14 +216,14 @@ class Session:
     def status(self) -> dict:
         timeline = self.timeline
         return {
-            "id": self.id, "avatar_id": self.avatar.id, "fps": self.fps, "state": timeline.state,
+            "id": self.id, "avatar_id": self.avatar.name, "fps": self.fps, "state": timeline.state,
             "width": self.avatar.size[0], "height": self.avatar.size[1],
             "frames_sent": self.media.frames_sent, "viewers": len(self.viewers), "created": round(self.created, 3),
             "seconds": round(timeline.n / self.fps, 3), "clock_rebased": self.clock.rebased,
             "queued_seconds": round(self.queued_seconds, 3), "behind_seconds": round(timeline.behind_seconds, 3),
             "segments": {"played": timeline.played, "interrupted": timeline.interrupted,
                          "queued": len(timeline.segments)},
-            "frames": dict(timeline.counts), "triton": self._triton_now(),
+            "frames": dict(timeline.counts), "frames_stalled": timeline.stalled, "triton": self._triton_now(),
             "latency_ms": {"speech_start": self.speech_start.summary(),
                            "interrupt": self.interrupt_latency.summary()},
             "idle_cycle_replayed": self.media.replaying(),
@@ -266,6 +270,7 @@ class Session:
         for segment in dropped:
             self._count_triton(segment)
             segment.cancel()
+            self.live_first.arrived(segment)
         self._emit_events(events)
         self.composer.close()
         self.media.close()
@@ -307,6 +312,7 @@ class Session:
             number, start, alpha = self.timeline.placement()
             segment = Segment(number, self.avatar, self.client, self.fps, rate, start, self.options, alpha)
             self.timeline.append(segment)
+            self.live_first.awaited(segment)  # someone waits to see it speak: offline work gives way
         try:
             segment.add(pcm16, when)
         except SegmentTooLong as error:  # it plays what it has; the speech socket closes
@@ -320,6 +326,7 @@ class Session:
         for segment in dropped:
             segment.cancel()
             self._count_triton(segment)
+            self.live_first.arrived(segment)
         self._emit_events(events, now=when)
         self._interrupted_at = when
 
@@ -349,6 +356,7 @@ class Session:
         self._emit_events([self.timeline.drop(segment)], now=now)
         segment.cancel()
         self._count_triton(segment)
+        self.live_first.arrived(segment)
 
     # -- ticks out ------------------------------------------------------------------------
     def _produce(self) -> None:
@@ -366,8 +374,11 @@ class Session:
             if event.type == "speech_started" and event.segment.first_audio_at is not None:
                 self.speech_start.add(due - event.segment.first_audio_at)
                 metrics.SESSION_SPEECH_START.observe(due - event.segment.first_audio_at)
+            if event.type in ("speech_started", "speech_finished"):
+                self.live_first.arrived(event.segment)
             if event.type == "speech_finished":
                 self._count_triton(event.segment)
+
         self._emit_events(tick.events)
         if self._interrupted_at is not None and tick.kind != "speech":
             self.interrupt_latency.add(due - self._interrupted_at)
@@ -396,7 +407,7 @@ class Session:
         counts, segments = dict(self.triton), list(self.timeline.segments)
         for segment in segments:
             self._count_triton(segment, counts)
-        in_flight = sum(len(indices) for s in segments for indices, _ in list(s.utterance.flight.batches))
+        in_flight = sum(s.utterance.flight.frames for s in segments)
         return {**counts, "in_flight": in_flight}  # (a copy of each deque: the session's thread changes them)
 
     # -- events ---------------------------------------------------------------------------

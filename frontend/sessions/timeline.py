@@ -88,6 +88,7 @@ class Timeline:
         self.state = "idle"
         self.counts = dict.fromkeys(KINDS, 0)
         self.behind_seconds = 0.0  # how long the playing segment has waited for its frames
+        self.stalled = 0  # holds of a segment that had started playing: speech frozen mid-way
         self.played = self.interrupted = 0  # segments
 
     # -- segments in ----------------------------------------------------------------------
@@ -173,6 +174,7 @@ class Timeline:
     def _hold(self, n: int, audio: np.ndarray, segment: Segment) -> Tick:
         if segment.played:  # a segment that has started waits for its next frame: it is behind
             self.behind_seconds += 1 / self.fps
+            self.stalled += 1
             self.state = "speaking"
         shown = self.shown or Tick(n, self.position, "idle", audio)
         return Tick(n, shown.position, "hold", audio, shown.face, shown.strength)

@@ -1,6 +1,8 @@
 // The MuseTalk page: a conversational session, watched over WebRTC (WHEP). The avatar is on
 // screen, idle, as soon as the page opens; a file or the microphone is spoken into the session
 // through its speech socket; Interrupt cuts the speech. No build step, nothing from other hosts.
+// A service with API keys needs one: typed in, or given as #key=... in the address (kept in this
+// tab only, and never sent but as a header). The session's viewer and speaker tokens carry the rest.
 
 const $ = (id) => document.getElementById(id);
 const video = $("video");
@@ -20,6 +22,25 @@ function setStatus(text, isError = false) {
   if (isError) state.error = text;
 }
 
+// -- the API key ------------------------------------------------------------------------------
+let apiKey = sessionStorage.getItem("musetalk-key");
+const fromAddress = new URLSearchParams(location.hash.slice(1)).get("key");
+if (fromAddress) {
+  apiKey = fromAddress;
+  sessionStorage.setItem("musetalk-key", apiKey);
+  history.replaceState(null, "", location.pathname + location.search); // not in the address bar any more
+}
+const bearer = (credential) => (credential ? { Authorization: `Bearer ${credential}` } : {});
+const withKey = (init = {}) => ({ ...init, headers: { ...(init.headers ?? {}), ...bearer(apiKey) } });
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  sessionStorage.setItem("musetalk-key", apiKey);
+  $("key-form").hidden = true;
+  await start();
+});
+
 async function json(answer) {
   const body = await answer.json().catch(() => ({}));
   if (!answer.ok) throw new Error(body.error ?? answer.statusText);
@@ -33,10 +54,10 @@ async function openSession() {
   await closeSession();
   state.state = "connecting";
   $("state").textContent = "connecting...";
-  const session = await json(await fetch("/sessions", {
+  const session = await json(await fetch("/sessions", withKey({
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ avatar_id: $("avatar").value || null, fps: Number($("fps").value) }),
-  }));
+  })));
   state.session = session;
   pc = new RTCPeerConnection({ iceServers: session.ice_servers, iceTransportPolicy: ICE_POLICY });
   state.pc = pc; // for the stats of the connection (which candidates carry it)
@@ -46,8 +67,9 @@ async function openSession() {
   pc.ontrack = ({ track }) => { stream.addTrack(track); video.srcObject = stream; };
   await pc.setLocalDescription(await pc.createOffer());
   await gathered(pc); // WHEP without trickle: every candidate goes in the offer
-  const answer = await fetch(session.whep, {
-    method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp,
+  const answer = await fetch(session.whep, { // a viewer needs no more than the session's viewer token
+    method: "POST", headers: { "Content-Type": "application/sdp", ...bearer(session.viewer_token) },
+    body: pc.localDescription.sdp,
   });
   if (answer.status !== 201) throw new Error((await answer.json()).error ?? answer.statusText);
   viewer = answer.headers.get("Location");
@@ -69,7 +91,7 @@ async function closeSession() {
   speech = null;
   pc?.close();
   pc = null;
-  if (state.session) fetch(`/sessions/${state.session.id}`, { method: "DELETE", keepalive: true });
+  if (state.session) fetch(`/sessions/${state.session.id}`, withKey({ method: "DELETE", keepalive: true }));
   state.session = null;
 }
 
@@ -108,8 +130,10 @@ let sendingSince = null; // when the current segment's first PCM was sent
 
 function speechSocket() {
   if (speech && speech.readyState <= WebSocket.OPEN) return Promise.resolve(speech);
+  // A browser cannot set headers on a WebSocket: the session's speaker token goes in the query.
+  const token = state.session.speaker_token ? `&token=${encodeURIComponent(state.session.speaker_token)}` : "";
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}` +
-    `${state.session.speech}?sample_rate=${RATE}`);
+    `${state.session.speech}?sample_rate=${RATE}${token}`);
   socket.binaryType = "arraybuffer";
   socket.onmessage = ({ data }) => onEvent(JSON.parse(data));
   socket.onclose = ({ code, reason }) => { if (code >= 4000) setStatus(`speech refused: ${reason}`, true); };
@@ -219,7 +243,7 @@ $("interrupt-button").addEventListener("click", async () => {
 
 // -- avatars ----------------------------------------------------------------------------------
 async function loadAvatars(select) {
-  const answer = await (await fetch("/avatars")).json();
+  const answer = await json(await fetch("/avatars", withKey()));
   const list = $("avatar");
   list.replaceChildren(...answer.avatars.filter((a) => (a.status ?? "ready") === "ready").map((a) =>
     new Option(`${a.id} (${a.width}x${a.height}, ${a.frames} frame${a.frames === 1 ? "" : "s"})`, a.id)));
@@ -230,6 +254,7 @@ async function loadAvatars(select) {
 async function showInfo() {
   const info = await (await fetch("/info")).json();
   $("synthetic").hidden = info.synthetic_weights !== true;
+  return info;
 }
 
 $("avatar").addEventListener("change", () => openSession().catch((e) => setStatus(e.message, true)));
@@ -246,13 +271,13 @@ $("prepare").addEventListener("submit", async (event) => {
   bar.hidden = false;
   bar.removeAttribute("value");
   try {
-    let answer = await fetch("/avatars", { method: "POST", body: form });
+    let answer = await fetch("/avatars", withKey({ method: "POST", body: form }));
     let body = await answer.json();
     while (answer.status === 202 || body.status === "preparing" || body.status === "queued") { // a job
       if (body.frames_total) { bar.max = body.frames_total; bar.value = body.frames_done ?? 0; }
       status.textContent = `preparing: ${body.frames_done ?? 0} of ${body.frames_total ?? "?"} frames`;
       await new Promise((resolve) => setTimeout(resolve, 500));
-      answer = await fetch(`/avatars/${encodeURIComponent(id)}`);
+      answer = await fetch(`/avatars/${encodeURIComponent(id)}`, withKey());
       body = await answer.json();
     }
     if (!answer.ok || body.status === "failed") throw new Error(body.error ?? body.reason ?? answer.statusText);
@@ -269,5 +294,22 @@ $("prepare").addEventListener("submit", async (event) => {
 
 window.addEventListener("pagehide", closeSession);
 
-await Promise.all([loadAvatars(), showInfo()]);
-openSession().catch((error) => { setState("no session"); setStatus(error.message, true); });
+async function start() {
+  try {
+    await loadAvatars();
+    await openSession();
+  } catch (error) {
+    setState("no session");
+    setStatus(error.message, true);
+    if (/API key/.test(error.message)) $("key-form").hidden = false; // a wrong or old key: ask again
+  }
+}
+
+const info = await showInfo();
+if (info.api_keys && !apiKey) {
+  $("key-form").hidden = false;
+  setState("no session");
+  setStatus("this service needs an API key");
+} else {
+  await start();
+}
