@@ -107,6 +107,7 @@ def _routes(routes):
 
 
 def settings_reference() -> str:
+    from contract.environment import VARIABLES
     from frontend.settings import Settings
 
     rows = ["| variable | default | what |", "|---|---|---|"]
@@ -114,4 +115,7 @@ def settings_reference() -> str:
         default = field.default_factory() if field.default_factory else field.default
         rows.append(f"| `MUSETALK_{name.upper()}` | `{_cell(default if default is not None else 'unset')}` | "
                     f"{_cell(field.description)} |")
+    rows += ["", "Read by other parts of the project:", "", "| variable | default | read by | what |",
+             "|---|---|---|---|"]
+    rows += [f"| `{v.name}` | `{_cell(v.default)}` | {_cell(v.read_by)} | {_cell(v.what)} |" for v in VARIABLES]
     return "\n".join(rows)

@@ -27,9 +27,9 @@ import numpy as np
 import psutil
 
 from benchmarks.provenance import invocation, machine, publish
+from stack.samples import SPEECH
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"
 
 
 def clip(width: int, height: int, seconds: float, fps: int = 25) -> list[np.ndarray]:
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from stack.exports import ensure_exported
     from stack.frontend_process import FrontEnd
     from triton_local.launch import start
-    from triton_local.server import BUILD, Ports, free_port
+    from triton_local.processes import free_port
+    from triton_local.server import BUILD, Ports
 
     server = start(ensure_exported(args.profile), Ports.free(), target=BUILD / "bench_triton", progress=False)
     rows = []

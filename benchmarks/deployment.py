@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import soundfile
 
-from benchmarks.conversation import Watch, opened, percentiles, send, speech_pcm
+from benchmarks.conversation import opened, percentiles, send, speech_pcm
 from benchmarks.provenance import invocation, machine, publish
 from client.sessions import AvatarSession
 from stack.balancer import LocalBalancer
@@ -42,8 +42,10 @@ from stack.exports import ensure_exported
 from stack.frontend_process import FrontEnd
 from stack.serve import default_avatar_source
 from stack.turn import LocalTurn
+from stack.viewing import Watch
 from triton_local.launch import start as start_triton
-from triton_local.server import BUILD, Ports, free_port
+from triton_local.processes import free_port
+from triton_local.server import BUILD, Ports
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,9 +32,9 @@ from frontend.avatars.frames import FramesWriter
 from frontend.avatars.store import FORMAT, Avatar, load_folder, save_material
 from frontend.speech import audio
 from frontend.video.writers import Mp4Writer
+from stack.samples import SPEECH
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"
 
 
 def canvas_frames(width: int, height: int, count: int) -> list[np.ndarray]:

@@ -24,9 +24,9 @@ from contract.layout import model_path
 from contract.runners import open_runner
 from frontend.speech import audio
 from frontend.speech.incremental import HOP_S, IncrementalFeatures
+from stack.samples import SPEECH
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"
 
 
 def whole_clip(encoder, speech: audio.Speech, fps: int) -> np.ndarray:

@@ -35,9 +35,9 @@ import soundfile
 
 from benchmarks.provenance import invocation, machine, publish
 from benchmarks.streaming import local_stack
+from stack.samples import SPEECH
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"
 MIX = (("whole", 0.4), ("stream", 0.3), ("live", 0.2), ("prepare", 0.1))
 
 

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
     from stack.serve import default_avatar_source
     from triton_local.launch import start
-    from triton_local.server import BUILD, Ports, free_port
+    from triton_local.processes import free_port
+    from triton_local.server import BUILD, Ports
 
     server = start(ensure_exported(args.profile), Ports.free(), target=BUILD / "bench_triton", progress=False)
     results = {}

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
     from stack.serve import default_avatar_source
     from triton_local.launch import start
-    from triton_local.server import BUILD, Ports, free_port
+    from triton_local.processes import free_port
+    from triton_local.server import BUILD, Ports
     from triton_local.supervisor import Supervisor
 
     supervisor = Supervisor(start(ensure_exported("tiny"), Ports.free(), target=BUILD / "soak_triton",

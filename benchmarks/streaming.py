@@ -31,9 +31,9 @@ import soundfile
 
 from benchmarks.provenance import invocation, machine, publish
 from frontend.video import fmp4
+from stack.samples import SPEECH
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPEECH = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "speech.flac"
 
 
 def speech_pcm(seconds: float) -> tuple[bytes, int]:
@@ -148,7 +148,8 @@ def local_stack(profile: str, env: dict[str, str] | None = None):
     from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
     from stack.serve import default_avatar_source
     from triton_local.launch import start
-    from triton_local.server import BUILD, Ports, free_port
+    from triton_local.processes import free_port
+    from triton_local.server import BUILD, Ports
 
     repository = ensure_exported(profile)
     server = start(repository, Ports.free(), target=BUILD / "bench_triton", progress=False)

@@ -247,7 +247,8 @@ class MuseTalkClient(NamedCalls):
         if worker is not None:
             self._local.worker = None
             with self._lock:
-                self._workers.remove(worker)
+                if worker in self._workers:  # (close() may have let them all go meanwhile)
+                    self._workers.remove(worker)
             worker.close()
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 BUFFER_SECONDS = 10.0  # frames kept for a reader that falls behind (the oldest go first)
 MOVE_WITHIN_S = 60.0  # how long a move keeps trying to open a new session (503s while replicas start)
 GONE_CODES = {1001, 1006, 1011, 1012, 4404, 4503}  # a speech socket closed by these: the session is gone
-log = logging.getLogger("musetalk.sessions")
+log = logging.getLogger(__name__)
 
 
 class SessionError(RuntimeError):

@@ -122,7 +122,7 @@ def configure(log_format: str | None = None, level: str | None = None) -> dict:
 
 
 def _log_uncaught(kind, error, traceback) -> None:
-    logging.getLogger("uncaught").critical("the process failed", exc_info=(kind, error, traceback))
+    logging.getLogger(__name__).critical("the process failed", exc_info=(kind, error, traceback))
 
 
 def bind(**values: str | None) -> None:

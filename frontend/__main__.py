@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import logging
 import signal
 import sys
@@ -34,7 +35,7 @@ from frontend.app import create_app
 from frontend.settings import Settings
 
 WS_MAX_SIZE = 2 << 20  # WebSocket messages above 2 MiB (decompressed) are refused by uvicorn itself (1009)
-log = logging.getLogger(__name__)
+log = logging.getLogger("frontend")  # (as `python -m frontend`, this module's __name__ is "__main__")
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,7 +50,9 @@ class DrainingServer(uvicorn.Server):
         if sig != signal.SIGTERM or self.drain_task is not None:
             return super().handle_exit(sig, frame)
         loop = asyncio.get_event_loop()  # the signal handler runs on the loop's (main) thread
-        self.drain_task = loop.create_task(self._drain())
+        # A context of its own: the signal may come in the middle of a request, whose log context
+        # (its request id, its tenant) is not the drain's.
+        self.drain_task = loop.create_task(self._drain(), context=contextvars.Context())
 
     async def _drain(self) -> None:
         try:

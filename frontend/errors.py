@@ -44,7 +44,7 @@ from frontend.exceptions import (
 )
 from frontend.speech.audio import AudioError
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 
 class UploadTooLarge(HTTPException):

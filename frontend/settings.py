@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         4096 * 4096, ge=1, description="largest image or video frame accepted, in pixels (checked before decoding)")
     batch_size: int = Field(16, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request")
     in_flight: int = Field(4, ge=1, description="batches kept in flight per request")
+    session_batch_size: int = Field(
+        8, ge=1, le=specs.MUSETALK.max_batch_size, description="frames per Triton request of a live session "
+        "(conversational and /ws/live): smaller than batch_size, so each segment's first frames come back sooner")
     x264_preset: str = Field("veryfast", description="x264's preset for answers (superfast, ultrafast: less "
                              "CPU per frame, larger files)")
     max_frames_in_progress: int = Field(

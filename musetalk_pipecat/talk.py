@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 
 import uvicorn
@@ -46,7 +47,7 @@ from pipecat.workers.runner import WorkerRunner
 from musetalk_pipecat.service import MuseTalkVideoService
 
 PRE_ROLL_S = 0.3  # audio kept from before the VAD heard the start of a turn (its first syllable)
-PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+PAGE = Path(str(files("musetalk_pipecat") / "static" / "index.html"))  # packaged with the service
 
 
 class EchoTurns(FrameProcessor):

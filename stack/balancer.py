@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, end, free_port, listening, start_child
+from triton_local.processes import end, free_port, listening, start_child
+from triton_local.server import BUILD
 
 
 class BalancerError(RuntimeError):

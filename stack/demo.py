@@ -29,17 +29,20 @@ import httpx
 import soundfile
 from tqdm import tqdm
 
+from client.readiness import wait_for
 from contract import logs
 from stack.exports import PROFILES, ensure_exported, real_weights
 from stack.frontend_process import LOCAL_SERVER_SETTINGS, FrontEnd
+from stack.samples import DEMO_SPEECH
 from triton_local.launch import start as start_triton
-from triton_local.server import BUILD, Ports, free_port, http_url_beside, listening
+from triton_local.processes import free_port, listening
+from triton_local.server import BUILD, Ports, http_url_beside
 from triton_local.supervisor import Supervisor
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 AVATAR_ID = "demo"
 BUDGET_MINUTES = 7.0  # of generation: with the server's start, about 10 minutes after the first export
 OVERHEAD = 1.1  # audio features, blending and encoding beside the frames themselves
+PREPARE_TIMEOUT_S = 600.0  # one photograph: seconds on any machine; a stuck job fails the demo, never hangs it
 BATCH_SECONDS = 12.0  # a batch's time on a slow server: the progress bar's step
 DEFAULT_BATCH = 16
 READY_TIMEOUT_S = 600
@@ -48,7 +51,7 @@ READY_TIMEOUT_S = 600
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--speech", type=Path, default=ASSETS / "demo_speech.flac")
+    p.add_argument("--speech", type=Path, default=DEMO_SPEECH)
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--profile", choices=PROFILES, default="full",
                    help="tiny: small random models, for a one-minute look at the whole path")
@@ -130,9 +133,15 @@ def prepare_avatar(http: httpx.Client) -> None:
     started = time.perf_counter()
     response = http.post("/avatars", data={"avatar_id": AVATAR_ID},
                          files={"file": ("astronaut.png", photo.tobytes(), "image/png")})
-    while response.status_code == 202 or response.json().get("status") in ("queued", "preparing"):
-        time.sleep(1)  # a job: follow it
-        response = http.get(f"/avatars/{AVATAR_ID}")
+
+    def prepared() -> bool:  # a job (202): followed until it ends
+        nonlocal response
+        if response.status_code == 202 or response.json().get("status") in ("queued", "preparing"):
+            response = http.get(f"/avatars/{AVATAR_ID}")
+        return response.status_code != 202 and response.json().get("status") not in ("queued", "preparing")
+
+    if not wait_for(prepared, PREPARE_TIMEOUT_S, 1.0):
+        raise SystemExit(f"the avatar was not prepared within {PREPARE_TIMEOUT_S:.0f} s: {response.text}")
     if response.status_code >= 400 or response.json().get("status") == "failed":
         raise SystemExit(f"preparing the avatar failed: {response.text}")
     print(f"avatar '{AVATAR_ID}' prepared from scikit-image's astronaut photograph "

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, ServerError, end, http_ok, start_child
+from triton_local.processes import end, http_ok, start_child
+from triton_local.server import BUILD, ServerError
 
 # A front end beside the local tritonserver: requests of the size the local server executes at once
 # (triton_local.repository.Runtime.chunk): on a CPU no batch is cheaper per frame than another, and

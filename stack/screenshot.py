@@ -11,11 +11,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from stack.samples import DEMO_SPEECH
 from stack.serve import start
-from triton_local.server import free_port
+from triton_local.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             page.goto(frontend.url + "/")
             page.wait_for_function("window.musetalk.state === 'idle' && window.musetalk.presented > 10",
                                    timeout=60_000)
-            page.set_input_files("#audio-file", str(ASSETS / "demo_speech.flac"))
+            page.set_input_files("#audio-file", str(DEMO_SPEECH))
             page.click("#upload-button")
             page.wait_for_function("window.musetalk.state === 'speaking'", timeout=60_000)
             page.wait_for_timeout(1200)

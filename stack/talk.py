@@ -18,7 +18,8 @@ from contract import logs
 from stack.exports import PROFILES
 from stack.serve import start
 from triton_local.launch import serve_until_stopped
-from triton_local.server import BUILD, start_child
+from triton_local.processes import start_child
+from triton_local.server import BUILD
 
 PIPECAT_PYTHON = Path(__file__).resolve().parent.parent / ".venv-pipecat" / "bin" / "python"
 

@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 from client.readiness import wait_for
-from triton_local.server import BUILD, end, free_port, start_child
+from triton_local.processes import end, free_port, start_child
+from triton_local.server import BUILD
 
 RELAY_PORTS = 40
 

@@ -69,7 +69,7 @@ def frontend_server(triton, tmp_path_factory, face_png):
     """The front end as users run it: uvicorn in its own process, against the test Triton,
     its default avatar prepared from the astronaut photograph before it reports ready."""
     from stack.frontend_process import FrontEnd
-    from triton_local.server import free_port
+    from triton_local.processes import free_port
 
     folder = tmp_path_factory.mktemp("frontend")
     photo = folder / "astronaut.png"
@@ -89,7 +89,7 @@ def keyed(triton, tmp_path_factory, face_png):
     tokens lasting KEYED_TOKEN_SECONDS, a tenant holding KEYED_TENANT_LIVE_SESSIONS live sessions at
     most; its shared default avatar prepared from the astronaut photograph."""
     from stack.frontend_process import FrontEnd
-    from triton_local.server import free_port
+    from triton_local.processes import free_port
 
     folder = tmp_path_factory.mktemp("keyed")
     (folder / "astronaut.png").write_bytes(face_png)

@@ -12,6 +12,7 @@ import numpy as np
 import soundfile
 
 from contract.layout import model_path
+from stack import samples
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tenants of the front end with API keys (conftest.py's `keyed`); ops is an operator.
@@ -19,9 +20,41 @@ KEYS = {"alpha": "alpha-key-0123456789abcdef", "beta": "beta-key-0123456789abcde
         "ops": "ops-key-0123456789abcdef"}
 KEYED_TOKEN_SECONDS = 10
 KEYED_TENANT_LIVE_SESSIONS = 2
-FIXTURES = Path(__file__).parent / "fixtures"
 BUILD = ROOT / "build" / "test"
-SPEECH = FIXTURES / "speech.flac"
+SPEECH = samples.SPEECH  # 5.6 s of real English speech (espeak-ng)
+
+
+def eventually(fetch, until=bool, timeout: float = 30.0, every: float = 0.1, what: str = "the condition"):
+    """The first value of `fetch()` that `until` accepts, polled every `every` s: the one way the
+    tests wait for something. After `timeout` s an AssertionError says what was awaited and the
+    last value seen: a regression fails, it never hangs."""
+    from client.readiness import wait_for
+
+    seen: list = [None]
+
+    def check() -> bool:
+        seen[0] = fetch()
+        return until(seen[0])
+
+    if not wait_for(check, timeout, every):
+        raise AssertionError(f"{what}: not within {timeout:g} s; last seen: {str(seen[0])[:300]}")
+    return seen[0]
+
+
+async def eventually_async(fetch, until=bool, timeout: float = 30.0, every: float = 0.1,
+                           what: str = "the condition"):
+    """`eventually` for a coroutine function `fetch`, without blocking the event loop."""
+    from client.readiness import wait_for_async
+
+    seen: list = [None]
+
+    async def check() -> bool:
+        seen[0] = await fetch()
+        return until(seen[0])
+
+    if not await wait_for_async(check, timeout, every):
+        raise AssertionError(f"{what}: not within {timeout:g} s; last seen: {str(seen[0])[:300]}")
+    return seen[0]
 
 
 def keys_file(path: Path, keys: dict[str, str]) -> None:

@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 
 from client.readiness import wait_for
 from support import KEYED_TENANT_LIVE_SESSIONS, KEYED_TOKEN_SECONDS, KEYS, ROOT, keys_file
-from triton_local.server import free_port
+from triton_local.processes import free_port
 
 TOKEN_SECONDS = KEYED_TOKEN_SECONDS
 TENANT_LIVE_SESSIONS = KEYED_TENANT_LIVE_SESSIONS

@@ -12,12 +12,12 @@ import soundfile
 from transformers import WhisperFeatureExtractor
 
 from frontend.speech import audio
-from support import FIXTURES
+from support import SPEECH
 
 
 @pytest.fixture(scope="module")
 def speech_16k():
-    samples, _ = librosa.load(FIXTURES / "speech.flac", sr=16000)
+    samples, _ = librosa.load(SPEECH, sr=16000)
     return samples
 
 

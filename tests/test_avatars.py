@@ -25,8 +25,8 @@ from frontend.avatars.preparation import fill_gaps
 from frontend.avatars.store import AvatarStore
 from frontend.settings import Settings
 from stack.frontend_process import FrontEnd
-from support import BUILD, face_on_canvas, face_psnr, video_bytes
-from triton_local.server import free_port
+from support import BUILD, eventually, face_on_canvas, face_psnr, video_bytes
+from triton_local.processes import free_port
 
 COFFEE = cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR)  # cups, no face
 
@@ -153,11 +153,16 @@ def test_a_long_preparation_is_a_job_with_progress(triton, tmp_path, speech_byte
         response = prepare(api, "slow", video_bytes(frames))
         assert response.status_code == 202 and response.headers["location"] == "/avatars/slow"
         seen = []
-        while (status := api.get("/avatars/slow").json())["status"] != "ready":
-            assert status["status"] in ("queued", "preparing"), status
-            seen.append(status.get("frames_done", 0))
-            time.sleep(0.1)
-        assert status["frames"] == 50
+
+        def status() -> dict:
+            state = api.get("/avatars/slow").json()
+            assert state["status"] in ("queued", "preparing", "ready"), state
+            seen.append(state.get("frames_done", 0))
+            return state
+
+        ready = eventually(status, lambda state: state["status"] == "ready", 120, what="slow's preparation")
+        assert ready["frames"] == 50
+        seen.pop()  # the ready answer's
         assert any(0 < done < 100 for done in seen) and seen == sorted(seen)  # progress, moving forward
         assert "slow" in [a["id"] for a in api.get("/avatars").json()["avatars"]]
         assert len(generate(api, "slow", speech_bytes)) == math.floor(5.5558 * 25)
@@ -168,8 +173,8 @@ def test_deleting_a_preparation_cancels_it(triton, tmp_path):
     frames = [face_on_canvas(1280, 720, 100, shift=i % 8)[0] for i in range(120)]
     with TestClient(create_app(settings)) as api:
         assert prepare(api, "doomed", video_bytes(frames)).status_code == 202
-        while api.get("/avatars/doomed").json().get("frames_done", 0) == 0:
-            time.sleep(0.05)
+        eventually(lambda: api.get("/avatars/doomed").json().get("frames_done", 0), timeout=60, every=0.05,
+                   what="the first frame of doomed's preparation")
         assert api.delete("/avatars/doomed").json() == {"deleted": "doomed", "cancelled": True}
         assert api.get("/avatars/doomed").status_code == 404
         assert not list((tmp_path / "avatars").glob("doomed*")) and not list((tmp_path / "avatars" / ".jobs").iterdir())
@@ -190,11 +195,13 @@ def test_a_delete_after_the_last_frame_still_wins(triton, tmp_path):
         for attempt in range(3):
             avatar_id = f"late{attempt}"
             assert prepare(api, avatar_id, video_bytes(frames)).status_code == 202
-            while not last_frame_read(api.get(f"/avatars/{avatar_id}").json()):
-                time.sleep(0.01)
+            eventually(lambda: api.get(f"/avatars/{avatar_id}").json(), last_frame_read, 120, 0.01,  # noqa: B023
+                       what=f"{avatar_id}'s last frame read")
             answer = api.delete(f"/avatars/{avatar_id}").json()
             assert answer["deleted"] == avatar_id
-            time.sleep(1.0)  # whatever was under way has finished
+            # whatever was under way ends, and the avatar never appears: its job is gone, nothing published
+            eventually(lambda: not list((tmp_path / "avatars" / ".jobs").glob(f"{avatar_id}*")),  # noqa: B023
+                       timeout=30, what=f"{avatar_id}'s job gone")
             assert api.get(f"/avatars/{avatar_id}").status_code == 404
             assert not (tmp_path / "avatars" / avatar_id).exists()
 
@@ -246,19 +253,20 @@ def test_a_restart_mid_preparation_resumes_it_and_never_shows_half_an_avatar(tri
         answer = httpx.post(f"{first.url}/avatars", data={"avatar_id": "survivor"},
                             files={"file": ("clip.mp4", video_bytes(frames))}, timeout=60)
         assert answer.status_code == 202
-        while httpx.get(f"{first.url}/avatars/survivor").json().get("frames_done", 0) < 10:
-            time.sleep(0.1)
+        eventually(lambda: httpx.get(f"{first.url}/avatars/survivor").json().get("frames_done", 0),
+                   lambda done: done >= 10, 120, what="10 frames of survivor's preparation")
     finally:
         os.kill(first.process.pid, signal.SIGKILL)  # a crash mid-preparation
         first.process.wait()
     assert not (store / "survivor").exists()  # nothing half-made was published
     second = front_end("after-crash")
     try:
-        deadline = time.monotonic() + 300
-        while (status := httpx.get(f"{second.url}/avatars/survivor").json())["status"] != "ready":
-            assert status["status"] in ("queued", "preparing") and time.monotonic() < deadline, status
-            time.sleep(0.2)
-        assert status["frames"] == 100
+        def status() -> dict:
+            state = httpx.get(f"{second.url}/avatars/survivor").json()
+            assert state["status"] in ("queued", "preparing", "ready"), state
+            return state
+
+        assert eventually(status, lambda s: s["status"] == "ready", 240, 0.2, "survivor resumed")["frames"] == 100
         answer = httpx.post(f"{second.url}/onnx-infer", data={"avatar_id": "survivor", "skip_save_images": "true"},
                             files={"audio_file": ("speech.flac", speech_bytes)}, timeout=300)
         assert answer.status_code == 200
@@ -281,11 +289,11 @@ def test_a_1080p_avatar_stays_small_on_disk_and_in_memory(frontend_server, speec
     def ready(avatar_id: str, clip: bytes) -> dict:
         answer = httpx.post(f"{frontend_server.url}/avatars", data={"avatar_id": avatar_id},
                             files={"file": ("hd.mp4", clip)}, timeout=600)
-        while answer.status_code == 202 or answer.json().get("status") in ("queued", "preparing"):
-            time.sleep(0.5)
-            answer = httpx.get(f"{frontend_server.url}/avatars/{avatar_id}")
-        assert answer.json()["status"] == "ready", answer.text
-        return answer.json()
+        assert answer.status_code in (201, 202), answer.text
+        state = eventually(lambda: httpx.get(f"{frontend_server.url}/avatars/{avatar_id}").json(),
+                           lambda s: s["status"] not in ("queued", "preparing"), 240, 0.5, f"{avatar_id} prepared")
+        assert state["status"] == "ready", state
+        return state
 
     frames = [face_on_canvas(1920, 1080, 200, shift=(i * 2) % 40)[0] for i in range(100)]
     ready("warm", video_bytes(frames[:10]))
@@ -372,15 +380,13 @@ def test_queued_jobs_keep_their_heartbeat_and_ended_ones_lose_it(tmp_path, monke
         jobs.submit("second", b"x", {})
         queued = jobs.job("second").read()
         assert queued["status"] == "queued"
-        deadline = time.monotonic() + 10
-        while jobs.job("second").read()["heartbeat"] == queued["heartbeat"]:
-            assert time.monotonic() < deadline, "a queued job's heartbeat stood still"
-            time.sleep(0.05)
+        eventually(lambda: jobs.job("second").read()["heartbeat"], lambda beat: beat != queued["heartbeat"], 10,
+                   0.05, "a queued job's heartbeat")
         release.set()
         assert jobs.wait("second", 10)["status"] == "failed"
         ended = jobs.job("second").read()
-        time.sleep(0.5)
-        assert jobs.job("second").read() == ended  # no heartbeat after the end
+        time.sleep(5 * jobs_module.HEARTBEAT_S)  # not a wait for something: five heartbeats' time, in which
+        assert jobs.job("second").read() == ended  # nothing may write to an ended job
     finally:
         release.set()
         jobs.close()

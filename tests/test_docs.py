@@ -53,6 +53,13 @@ def test_the_references_are_made_from_the_code(site):
     settings = (site / "reference" / "settings" / "index.html").read_text()
     for name in Settings.model_fields:
         assert f"MUSETALK_{name.upper()}" in settings, name
+    # and every MUSETALK_* variable the code reads, whichever part reads it
+    read = set()
+    for path in ROOT.rglob("*.py"):
+        if not {".venv", ".venv-triton", ".venv-pipecat", "build"} & set(path.relative_to(ROOT).parts):
+            read |= set(re.findall(r"MUSETALK_[A-Z][A-Z0-9_]+", path.read_text()))
+    missing = sorted(name for name in read if name not in settings)
+    assert len(read) > 40 and not missing, f"not in the settings reference: {missing}"
 
 
 def test_every_example_is_on_a_page():

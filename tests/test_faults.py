@@ -18,8 +18,9 @@ from client.readiness import wait_for
 from client.sessions import AvatarSession
 from stack.frontend_process import FrontEnd
 from support import BUILD
+from triton_local.processes import free_port, http_ok
 from triton_local.repository import generate
-from triton_local.server import LocalTriton, Ports, free_port, http_ok
+from triton_local.server import LocalTriton, Ports
 from triton_local.supervisor import Supervisor
 
 FPS = 12

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import av
@@ -14,10 +13,11 @@ import pytest
 import skimage.data
 from fastapi.testclient import TestClient
 
+from client.readiness import wait_for
 from frontend.app import create_app
 from frontend.avatars.store import AvatarStore
 from frontend.settings import Settings
-from support import speech_seconds
+from support import eventually, speech_seconds
 from triton_local.server import LocalTriton, Ports
 
 SPEECH_SECONDS = speech_seconds()
@@ -250,7 +250,7 @@ def test_video_without_faces_names_the_frames(api):
 
 def test_triton_down_is_503_and_recovers_without_restart(api, settings, speech_bytes, triton):
     ports = Ports.free()
-    down = Settings(triton_url=f"localhost:{ports.grpc}", avatar_dir=settings.avatar_dir)
+    down = Settings(triton_url=f"localhost:{ports.grpc}", avatar_dir=settings.avatar_dir, default_avatar="astronaut")
     with TestClient(create_app(down)) as down_api:
         ready = readiness(down_api, lambda r: "not checked yet" not in r.text)
         assert ready.status_code == 503 and "not reachable" in ready.json()["error"]
@@ -265,23 +265,32 @@ def test_triton_down_is_503_and_recovers_without_restart(api, settings, speech_b
 
 def readiness(api, until, timeout: float = 10.0):
     """/readyz once `until(answer)` (it reports a check made every second in the background)."""
-    deadline = time.monotonic() + timeout
-    while not until(answer := api.get("/readyz")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return answer
+    return eventually(lambda: api.get("/readyz"), until, timeout, what="/readyz's answer")
+
+
+def test_not_ready_while_the_default_request_would_fail_and_the_404_says_how_to_make_one(triton, tmp_path,
+                                                                                         speech_bytes):
+    """The default avatar is configured ("default", the setting's default) but there is none and no
+    source to make it from: /readyz says so and how to fix it; a request that names no avatar hears
+    how to make one."""
+    settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars")
+    with TestClient(create_app(settings)) as api:
+        answer = readiness(api, lambda r: "does not exist" in r.text, 60)
+        assert answer.status_code == 503 and "MUSETALK_DEFAULT_AVATAR_SOURCE" in answer.json()["error"]
+        refused = post_speech(api, speech_bytes, avatar_id="")
+        assert refused.status_code == 404 and "POST /avatars" in refused.json()["error"]
 
 
 def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_png, speech_bytes,
                                                         monkeypatch):
     """A client that waits for /readyz never gets "still being prepared"."""
     import threading
-    import time
 
-    from frontend.services import Services
+    from frontend.startup import DefaultAvatar
 
     looked = threading.Event()  # the preparation waits until the test has looked
-    prepare_default = Services._prepare_default
-    monkeypatch.setattr(Services, "_prepare_default",
+    prepare_default = DefaultAvatar._prepare
+    monkeypatch.setattr(DefaultAvatar, "_prepare",
                         lambda self, source: (looked.wait(60), prepare_default(self, source)))
     photo = tmp_path / "portrait.png"
     photo.write_bytes(face_png)
@@ -294,10 +303,7 @@ def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_p
                          files={"audio_file": ("speech.flac", speech_bytes)})
         assert early.status_code == 503 and "still being prepared" in early.json()["error"]
         looked.set()
-        deadline = time.monotonic() + 120
-        while api.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never ready"
-            time.sleep(0.2)
+        assert wait_for(lambda: api.get("/readyz").status_code == 200, 120, 0.2), "never ready"
         response = api.post("/onnx-infer", data={"skip_save_images": "true"},
                             files={"audio_file": ("speech.flac", speech_bytes)})
         assert response.status_code == 200 and response.json()["avatar_id"] == "house"
@@ -306,7 +312,6 @@ def test_ready_only_once_the_default_avatar_is_prepared(triton, tmp_path, face_p
 @pytest.mark.parametrize("source", ["missing file", "no face"])
 def test_a_default_avatar_that_cannot_be_prepared_says_why(triton, tmp_path, speech_bytes, source):
     """Not "still being prepared" for ever: /readyz gives the reason, requests get a 404."""
-    import time
 
     photo = tmp_path / "portrait.png"
     if source == "no face":
@@ -314,13 +319,11 @@ def test_a_default_avatar_that_cannot_be_prepared_says_why(triton, tmp_path, spe
     settings = Settings(triton_url=triton.grpc_url, avatar_dir=tmp_path / "avatars",
                         default_avatar="house", default_avatar_source=str(photo))
     with TestClient(create_app(settings)) as api:
-        deadline = time.monotonic() + 60
         def waiting(answer: str) -> bool:
             return "still being prepared" in answer or "not checked yet" in answer
 
-        while waiting(ready := api.get("/readyz").json()["error"]):  # one answer per turn
-            assert time.monotonic() < deadline, "still being prepared after 60 s"
-            time.sleep(0.2)
+        ready = eventually(lambda: api.get("/readyz").json()["error"], lambda answer: not waiting(answer), 60, 0.2,
+                           "the default avatar's verdict")  # one answer per turn
         assert "could not be prepared" in ready and ("portrait.png" in ready or "face" in ready)
         response = api.post("/onnx-infer", data={"skip_save_images": "true"},
                             files={"audio_file": ("speech.flac", speech_bytes)})

@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 
 from stack.frontend_process import FrontEnd
 from support import BUILD
-from triton_local.server import free_port
+from triton_local.processes import free_port
 
 LIMITS = {
     "MUSETALK_MAX_UPLOAD_MB": "2",

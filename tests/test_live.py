@@ -6,7 +6,6 @@ import io
 import json
 import math
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import av
@@ -23,7 +22,7 @@ from contract.runners import open_runner
 from frontend.speech import audio
 from frontend.speech.incremental import IncrementalFeatures
 from frontend.video import fmp4
-from support import SPEECH, settled_count, speech_seconds
+from support import SPEECH, eventually, settled_count, speech_seconds
 
 
 def pcm(rate: int | None = None) -> tuple[bytes, int]:
@@ -119,10 +118,8 @@ def test_clients_that_leave_mid_session_free_their_slot(frontend_server, triton)
         with connect(url) as ws:  # closed on leaving the block: mid-session, frames in flight
             assert json.loads(ws.recv())["type"] == "start"
             ws.send(data[: len(data) // 2])
-        deadline = time.monotonic() + 30
-        while live_sessions_open(frontend_server.url) > 0:
-            assert time.monotonic() < deadline, "a session outlived its client"
-            time.sleep(0.1)
+        eventually(lambda: live_sessions_open(frontend_server.url), lambda n: n == 0, 30,
+                   what="no live session open once its client left")
     # and nothing of theirs runs on Triton any more: most of the frames of what they sent never ran
     sent_frames = 6 * math.floor(len(data) // 2 / 2 / rate * 25)
     assert settled_count(triton.grpc_url, "vae_decoder") - before < sent_frames / 2

@@ -17,16 +17,8 @@ from client import MuseTalkClient
 from client.readiness import wait_for
 from contract import specs
 from support import BUILD, ROOT, frames
-from triton_local.server import (
-    BACKENDS,
-    SHM_PREFIX,
-    STUB,
-    LocalTriton,
-    Ports,
-    listening,
-    remove_leftovers,
-    shared_memory_bytes,
-)
+from triton_local.processes import listening
+from triton_local.server import BACKENDS, SHM_PREFIX, STUB, LocalTriton, Ports, remove_leftovers, shared_memory_bytes
 from triton_local.supervisor import Supervisor
 
 

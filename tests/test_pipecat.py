@@ -10,16 +10,16 @@ import json
 import math
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from client import MuseTalkClient
+from client.readiness import wait_for
 from stack.frontend_process import FrontEnd
 from support import BUILD, CHANGED, ROOT, SPEECH, mouth_moves, settled_count, speech_seconds
-from triton_local.server import free_port
+from triton_local.processes import free_port
 
 PIPECAT_PYTHON = ROOT / ".venv-pipecat" / "bin" / "python"
 DRIVER = ROOT / "benchmarks" / "pipecat_driver.py"
@@ -112,15 +112,14 @@ def talk(pipecat_python, frontend_server):
                             "--fps", str(FPS), "--host", "127.0.0.1", "--port", str(port)],
                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+    def up() -> bool:
         try:
-            if httpx.get(f"{url}/").status_code == 200:
-                break
+            return httpx.get(f"{url}/").status_code == 200
         except httpx.HTTPError:
-            pass
-        assert bot.poll() is None and time.monotonic() < deadline, f"the bot did not start: {BUILD / 'talk.log'}"
-        time.sleep(0.5)
+            return False
+
+    assert wait_for(up, 120, 0.5, give_up=lambda: bot.poll() is not None), \
+        f"the bot did not start: {BUILD / 'talk.log'}"
     yield url
     bot.terminate()
     bot.wait(20)

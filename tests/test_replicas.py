@@ -18,7 +18,7 @@ from client.sessions import AvatarSession
 from stack.balancer import LocalBalancer
 from stack.frontend_process import FrontEnd
 from support import BUILD, speech_seconds
-from triton_local.server import free_port
+from triton_local.processes import free_port
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,13 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from benchmarks.conversation import Watch, blocks_changed, picture_losses
 from client import MuseTalkClient
 from client.sessions import AvatarSession
+from contract.priority import Priority
 from stack.frontend_process import FrontEnd
-from support import BUILD, SPEECH, settled_count
-from triton_local.server import free_port
+from stack.viewing import Watch, blocks_changed, picture_losses
+from support import BUILD, SPEECH, eventually, eventually_async, frames, settled_count
+from triton_local.processes import free_port
 
 FPS = 25  # idle sessions
 SPEAKING_FPS = 12  # sessions that speak: the tiny models make about 28 frames/s on 2 cores, all told
@@ -60,11 +61,12 @@ def triton_executions(url: str, counter: str = "execution_count") -> dict[str, i
 
 
 def skipped_by_triton(url: str) -> int:
-    """Ensemble requests whose vae_decoder step Triton never ran because the request was cancelled
-    (Triton counts each as a `fail` of that model): cancellation seen on the server's side."""
+    """Steps of ensemble requests that Triton never ran because the request was cancelled (Triton
+    counts each as a `fail` of that step's model, whether it was queued or next in line):
+    cancellation seen on the server's side."""
     with MuseTalkClient(url) as client:
-        stats = client.statistics("vae_decoder")
-    return int(stats.get("inference_stats", {}).get("fail", {}).get("count", 0))
+        return sum(int(client.statistics(model).get("inference_stats", {}).get("fail", {}).get("count", 0))
+                   for model in ("positional_encoding", "unet", "vae_decoder"))
 
 
 def test_an_idle_session_streams_its_avatar_at_its_fps_without_calling_triton(frontend_server, triton):
@@ -194,18 +196,22 @@ def test_interrupt_cuts_speech_at_once(frontend_server, triton):
 
 
 def test_an_early_interrupt_keeps_events_in_order_and_cancels_requests_on_triton(frontend_server, triton):
-    """Interrupted while its first batches are on Triton: the segment gets only speech_finished
-    (played 0 s, or speech_started before it, never after), Triton itself skips the cancelled
-    requests' next step (its statistics, not the client's count), and the session goes on."""
+    """Interrupted while its first batches wait in Triton's queue: the segment gets only
+    speech_finished (played 0 s, or speech_started before it, never after), Triton itself skips
+    the cancelled requests' next step (its statistics, not the client's count), and the session
+    goes on. Another client keeps Triton busy at the session's own level meanwhile, so the
+    session's first batches are still queued when the interrupt comes (not a race with the server)."""
     pcm, seconds = speech_pcm(repeat=3)
+    audio, latents = frames(32)
 
-    async def scenario():
+    async def scenario(busy):
         session = await AvatarSession.open(frontend_server.url, fps=SPEAKING_FPS, silence_dbfs=None)
         speech = await session.speech(16000)
+        ahead = [busy.submit(busy.musetalk, audio, latents, priority=Priority.SEGMENT_START) for _ in range(4)]
         await speech.send(pcm)
         await speech.end_segment()
-        while (await session.status())["triton"]["in_flight"] == 0:
-            await asyncio.sleep(0.005)  # its first frames are on their way
+        await eventually_async(session.status, lambda status: status["triton"]["in_flight"], 30, 0.005,
+                               "the segment's first frames on their way")
         await speech.interrupt()
         events = [await speech.event("speech_finished")]
         await speech.send(speech_pcm()[0])  # and the session speaks again
@@ -213,25 +219,20 @@ def test_an_early_interrupt_keeps_events_in_order_and_cancels_requests_on_triton
         events += [await speech.event("speech_started"), await speech.event("speech_finished", timeout=60)]
         status = await session.status()
         await session.close()
+        for future in ahead:
+            future.result()
         return speech.seen, status
 
-    # Whether a cancelled request was still before its vae_decoder step when the interrupt came is
-    # a race with the server (a tiny batch crosses the unet in milliseconds): a few early
-    # interrupts, each checked in full, and Triton must have skipped a step in one of them. Without
-    # cancellation it never would.
-    for _attempt in range(3):
-        skipped = skipped_by_triton(triton.grpc_url)
-        seen, status = run(scenario())
-        speech_events = [e for e in seen if e["type"] in ("speech_started", "speech_finished")]
-        first = [(e["type"], e.get("played_seconds")) for e in speech_events if e["segment"] == 1]
-        assert first in ([("speech_finished", 0.0)], [("speech_started", None), ("speech_finished", first[-1][1])])
-        assert [e["type"] for e in speech_events if e["segment"] == 2] == ["speech_started", "speech_finished"]
-        assert status["segments"] == {"played": 1, "interrupted": 1, "queued": 0}
-        settled_count(triton.grpc_url, "vae_decoder")
-        if skipped_by_triton(triton.grpc_url) > skipped:
-            break
-    else:
-        raise AssertionError("in three early interrupts, no cancelled request was skipped by Triton")
+    skipped = skipped_by_triton(triton.grpc_url)
+    with MuseTalkClient(triton.grpc_url, max_in_flight=8) as busy:
+        seen, status = run(scenario(busy))
+    speech_events = [e for e in seen if e["type"] in ("speech_started", "speech_finished")]
+    first = [(e["type"], e.get("played_seconds")) for e in speech_events if e["segment"] == 1]
+    assert first in ([("speech_finished", 0.0)], [("speech_started", None), ("speech_finished", first[-1][1])])
+    assert [e["type"] for e in speech_events if e["segment"] == 2] == ["speech_started", "speech_finished"]
+    assert status["segments"] == {"played": 1, "interrupted": 1, "queued": 0}
+    settled_count(triton.grpc_url, "vae_decoder")
+    assert skipped_by_triton(triton.grpc_url) > skipped, "no cancelled request was skipped by Triton"
 
 
 @pytest.mark.parametrize("fps", [7, 29])
@@ -270,9 +271,9 @@ def test_a_speech_socket_dropped_mid_segment_ends_it_and_the_next_socket_speaks_
             await first.send(pcm)
             await first.close()  # mid-segment, no segment_end
             closed = time.monotonic()
-            while (status := await session.status())["segments"]["played"] < 1 or status["state"] != "idle":
-                assert time.monotonic() - closed < seconds + 10, "the dropped socket's segment never ended"
-                await asyncio.sleep(0.1)
+            status = await eventually_async(
+                session.status, lambda s: s["segments"]["played"] >= 1 and s["state"] == "idle", seconds + 10, 0.1,
+                "the dropped socket's segment ended")
             idle_after = time.monotonic() - closed
             state = status["state"]
             second = await session.speech(24000)
@@ -347,10 +348,8 @@ def test_viewers_that_leave_and_sessions_that_end_free_everything(frontend_serve
         before = triton_executions(triton.grpc_url, "inference_count")["unet"]
         await viewer.video.get()
         await viewer.pc.close()  # vanishes without a DELETE
-        deadline = time.monotonic() + 15
-        while (await session.status())["viewers"]:
-            assert time.monotonic() < deadline, "a viewer that left is still counted"
-            await asyncio.sleep(0.2)
+        await eventually_async(session.status, lambda status: not status["viewers"], 15, 0.2,
+                               "a viewer that left no longer counted")
         second = await session.watch()
         await second.video.get()
         speech = await session.speech(16000)
@@ -401,7 +400,6 @@ def test_bad_session_requests_are_clear_errors(frontend_server):
             second.recv()
         first.send(b"\0\0" * 160)  # the first one still works
     assert "already has a speech socket" in error["error"] and closed.value.rcvd.code == 4409
-    time.sleep(0.3)  # the server has seen the first one go
     with connect(ws + session["speech"]) as socket:
         socket.send("hello")
         with pytest.raises(ConnectionClosed) as closed:
@@ -490,10 +488,8 @@ def held(url: str) -> dict[str, float]:
 
 
 def nothing_held(url: str, within_s: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + within_s
-    while any(held(url).values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return held(url)
+    return eventually(lambda: held(url), lambda counts: not any(counts.values()), within_s, 0.2,
+                      "no session, viewer, session thread or slot left")
 
 
 def test_no_slot_viewer_or_thread_outlives_its_session(short_lived):

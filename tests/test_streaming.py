@@ -15,7 +15,8 @@ from client import MuseTalkClient
 from frontend.video import fmp4
 from stack.frontend_process import FrontEnd
 from support import BUILD, SPEECH, speech_seconds
-from triton_local.server import LocalTriton, Ports, free_port
+from triton_local.processes import free_port
+from triton_local.server import LocalTriton, Ports
 
 
 def boxes(data: bytes) -> list[str]:

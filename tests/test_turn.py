@@ -18,7 +18,7 @@ from frontend.sessions.turn import credentials
 from stack.frontend_process import FrontEnd
 from stack.turn import LocalTurn
 from support import BUILD
-from triton_local.server import free_port
+from triton_local.processes import free_port
 
 TTL = 600
 

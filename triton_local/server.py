@@ -22,17 +22,13 @@ issues #8882 and #5949). triton_local.supervisor restarts a server that died any
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,13 +36,13 @@ from pathlib import Path
 
 from client.readiness import wait_for
 from contract import specs
+from triton_local.processes import LOOPBACK, group_alive, http_ok, listening, signal_group, start_child
 from triton_local.repository import PROJECT_ROOT
 
 DEFAULT_VENV = PROJECT_ROOT / ".venv-triton"
 BUILD = PROJECT_ROOT / "build"
 BACKENDS = BUILD / "triton_backends"
 STUB = "triton_python_backend_stub"
-LOOPBACK = "127.0.0.1"
 SHM_PREFIX = "musetalk_triton_shm_"  # every region of our servers: musetalk_triton_shm_<http port>_<uuid>
 DEFAULT_SHM_PREFIX = "triton_python_backend_shm_region_"  # the backend's own naming (servers before ours)
 LEFTOVER_AGE_S = 60.0  # an unmapped region younger than this may be a starting server's: left alone
@@ -79,19 +75,6 @@ def shared_memory_bytes() -> int:
 
 class ServerError(RuntimeError):
     """The local server could not be started, or died."""
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass(frozen=True)
@@ -281,15 +264,15 @@ class LocalTriton:
             return
         group = self.process.pid  # the session leader's pid is the group id
         # The stubs of a server that died have nothing left to finish: they go at once.
-        _signal_group(group, signal.SIGTERM if self.process.poll() is None else signal.SIGKILL)
+        signal_group(group, signal.SIGTERM if self.process.poll() is None else signal.SIGKILL)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(group, signal.SIGKILL)
+            signal_group(group, signal.SIGKILL)
             self.process.wait()
         # Stubs stop within a second of their server; whatever is still there goes now.
-        if not wait_for(lambda: not _group_alive(group), 5.0, 0.1):
-            _signal_group(group, signal.SIGKILL)
+        if not wait_for(lambda: not group_alive(group), 5.0, 0.1):
+            signal_group(group, signal.SIGKILL)
         self.process = None  # a second stop must not signal a group whose id was reused
 
     def resident_bytes(self) -> int:
@@ -324,56 +307,6 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In a child process, before exec: receive SIGTERM when the thread that started it ends
-    (start servers from the main thread, or one that lives as long as they should)."""
-    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def start_child(command: list[str], **popen) -> subprocess.Popen:
-    """Popen(command, **popen) for a process that gets SIGTERM when the thread that started it
-    ends, however that ends (`end` stops it sooner). Through util-linux's setpriv where there
-    is one, which sets that in the child and then execs the command: Python's preexec_fn runs
-    Python code between fork and exec, which a process with gRPC threads (a client) cannot
-    always survive (gRPC's fork handlers abort the child: seen starting nginx from the test
-    process)."""
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        return subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *command], **popen)
-    return subprocess.Popen(command, preexec_fn=die_with_parent, **popen)
-
-
-def end(process: subprocess.Popen | None, grace_s: float = 5.0) -> None:
-    """Ask `process` to stop (SIGTERM); after `grace_s`, make it (SIGKILL). Either way reaped."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _signal_group(group: int, sig: int) -> None:
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        pass  # nothing of the group is left
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def remove_leftovers(backends: Path = BACKENDS, own_prefix: str | None = None) -> list[int]:
@@ -440,12 +373,3 @@ def http_url_beside(grpc_url: str) -> str:
     put HTTP one port below gRPC (8000 and 8001)."""
     host, port = grpc_url.rsplit(":", 1)
     return f"{host}:{int(port) - 1}"
-
-
-def http_ok(url: str) -> bool:
-    """True when `url` answers 200 (readiness probes: anything else means not yet)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False

@@ -36,7 +36,7 @@ from frontend.admission import Overloaded
 from frontend.avatars.preparation import Cancelled
 from frontend.avatars.store import AvatarExists, AvatarStore, owner_of, present
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 STALE_S = 30.0

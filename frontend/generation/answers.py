@@ -23,7 +23,7 @@ from frontend.live_first import LiveFirst
 from frontend.speech import audio
 from frontend.video.writers import FragmentedMp4Writer, Mp4Writer, aac_input
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 
 def frame_windows(speech: audio.Speech, fps: int, client, report: Report,

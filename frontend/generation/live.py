@@ -34,7 +34,7 @@ from frontend.live_first import LiveFirst
 from frontend.speech.pcm import EMPTY, Pcm16, Resampler
 from frontend.video.writers import FragmentedMp4Writer
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 END, CANCEL = object(), object()
 PROGRESS_EVERY_S = 0.5

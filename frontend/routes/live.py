@@ -30,7 +30,7 @@ from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services
 
 router = APIRouter(tags=["live"])
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 OUTBOX = 8  # messages (batches of frames: about 2 s of video) waiting for a slow client before the session waits
 INBOX_SECONDS = 2.0  # audio received and not yet taken by the session, before the client's socket waits
 
@@ -95,7 +95,7 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
                     future.cancel()
                     raise LiveIdle(f"the client has taken no video for {stalled_after:g} s") from None
 
-    options = LiveOptions(batch_size=min(s.settings.batch_size, 8), in_flight=s.settings.in_flight,
+    options = LiveOptions(batch_size=s.settings.session_batch_size, in_flight=s.settings.in_flight,
                           preset=s.settings.x264_preset, max_seconds=s.settings.max_live_seconds,
                           max_lag_s=s.settings.max_live_lag_seconds)
     session = LiveSession(avatar, fps, sample_rate, s.client, send, options, s.live_first)

@@ -1,6 +1,7 @@
 """GET /: the page to try it (plain HTML and JavaScript, served from frontend/static/), and /info."""
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
@@ -10,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from contract import specs
 from frontend.services import Services, services
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = Path(str(files("frontend") / "static"))  # the page's files, packaged with the service
 router = APIRouter(tags=["page"])
 static = StaticFiles(directory=STATIC)
 

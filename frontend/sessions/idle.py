@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from frontend.avatars.store import Avatar
 from frontend.video.rtc import EncodedFrame, VideoEncoder
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 
 class EncodedCycle:

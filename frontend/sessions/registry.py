@@ -23,7 +23,7 @@ from frontend.sessions.routing import SessionIds
 from frontend.sessions.session import Session, SessionOptions
 from frontend.sessions.turn import IceServers
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 
 class Sessions:

@@ -25,7 +25,7 @@ import logging
 import re
 import secrets
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 FORWARDED = "x-musetalk-forwarded"
 SESSION_PATH = re.compile(r"^/sessions/([A-Za-z0-9_.-]+)(/.*)?$")

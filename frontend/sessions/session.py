@@ -40,7 +40,7 @@ from frontend.sessions.segments import Segment
 from frontend.sessions.timeline import Event, Tick, Timeline
 from frontend.video.rtc import AUDIO_RATE
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 LEAD_S = 0.02  # a tick is produced this long before it is due (its encoding fits in it)
 REBASE_S = 0.25  # a tick later than this moves the clock, for both tracks: no burst of late frames

@@ -27,7 +27,7 @@ from frontend import metrics
 from frontend.exceptions import OfferError
 from frontend.video.rtc import AUDIO_RATE, VIDEO_CODECS, EncodedFrame
 
-log = logging.getLogger("musetalk.frontend")
+log = logging.getLogger(__name__)
 
 QUEUE_SECONDS = 2.0  # packets a viewer may fall behind by before its oldest are dropped
 DROPPED_SECONDS = 1.0  # a viewer that lost this much video for falling behind is dropped: it cannot keep up
