@@ -37,6 +37,10 @@ class Draining(RuntimeError):
     retry_after = 1
 
 
+class ClientGone(ConnectionError):
+    """The client of a live path left while it was being sent to: its session ends quietly."""
+
+
 class SessionNotFound(LookupError):
     """No session of that id (never created, ended, or on another replica)."""
 

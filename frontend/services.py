@@ -6,6 +6,7 @@ dependency, so each route module declares what it uses and nothing is global.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -100,6 +101,12 @@ class Services:
         return SessionOptions(fps=fps, batch_size=s.session_batch_size, in_flight=s.in_flight,
                               ahead_seconds=s.session_ahead_seconds, max_segment_seconds=s.max_live_seconds,
                               video_kbps=s.webrtc_video_kbps, **options)
+
+    def live_options(self, fps: int) -> SessionOptions:
+        """A /ws/live session's: unpaced, one segment of speech as long as MUSETALK_MAX_LIVE_SECONDS,
+        every frame generated (no silence skipped, no fade: the video is the speech's)."""
+        return dataclasses.replace(self.session_options(fps, transition_frames=0, silence_dbfs=None), paced=False,
+                                   start_lead_seconds=0.0)
 
     def start(self) -> None:
         """At start-up: the job worker (and any preparation a crash interrupted), the

@@ -1,5 +1,10 @@
 """WebSocket /ws/live: speech in as it is spoken, video out as it is made.
 
+A /ws/live connection is a session (frontend/sessions/session.py), unpaced: each frame leaves as
+soon as it is made, and its only output is a fragmented MP4 written to this socket
+(frontend/sessions/outputs.py). One engine, one inbox, one back-pressure rule and one family of
+errors for every live path.
+
     query: avatar_id (default: the configured one), fps (1..60, 25), sample_rate (8000..96000, 16000)
     client -> server: binary messages of PCM 16-bit little-endian mono samples, any size;
                       then the text message {"type": "end"}
@@ -10,7 +15,8 @@
     errors:           {"type": "error", "error": ..., "status": ...} and close code 4000 + status.
     limits:           MUSETALK_MAX_LIVE_SECONDS of speech (4413), messages up to 1 MiB (4413), nothing
                       received, or no video taken, for MUSETALK_LIVE_IDLE_SECONDS (4408; a client that
-                      reads nothing would otherwise hold its slot for ever).
+                      reads nothing would otherwise hold its slot for ever); while the video trails the
+                      speech by MUSETALK_MAX_LIVE_LAG_SECONDS, the speech waits in the client's socket.
 """
 from __future__ import annotations
 
@@ -18,25 +24,23 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from contract import logs
 from frontend import metrics
+from frontend.access import Caller
 from frontend.errors import refuse_websocket
-from frontend.exceptions import Draining, LiveIdle
-from frontend.generation.live import LiveOptions, LiveSession
+from frontend.exceptions import ClientGone, Draining, LiveIdle
 from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services
+from frontend.sessions.outputs import Fmp4Out
+from frontend.sessions.session import Session
 
 router = APIRouter(tags=["live"])
 log = logging.getLogger(__name__)
-OUTBOX = 8  # messages (batches of frames: about 2 s of video) waiting for a slow client before the session waits
-INBOX_SECONDS = 2.0  # audio received and not yet taken by the session, before the client's socket waits
-
-
-class ClientGone(RuntimeError):
-    pass
+OUTBOX = 8  # messages (fragments of frames) waiting for a slow client before the session waits
 
 
 @router.websocket("/ws/live")
@@ -57,7 +61,7 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
         return
     metrics.LIVE_SESSIONS.inc()
     try:
-        ending = await _serve(websocket, s, avatar, fps, sample_rate)
+        ending = await _serve(websocket, s, caller, avatar, fps, sample_rate)
     finally:
         metrics.LIVE_SESSIONS.dec()
         s.live_slots.release(caller.tenant)
@@ -71,13 +75,12 @@ async def live(websocket: WebSocket, avatar_id: str | None = None, fps: str = "2
             pass
 
 
-async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rate: int):
+async def _serve(websocket: WebSocket, s: Services, caller: Caller, avatar, fps: int, sample_rate: int):
     """Run one session to its end, everything it holds released (its Triton calls cancelled,
     its encoders closed). Returns "done", "gone" (the client left) or the error to tell."""
     loop = asyncio.get_running_loop()
     outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
     closed = threading.Event()
-
     stalled_after = s.settings.live_idle_seconds
 
     def send(item: bytes | dict) -> None:  # from the session's thread, in order, waiting for a slow client
@@ -95,62 +98,64 @@ async def _serve(websocket: WebSocket, s: Services, avatar, fps: int, sample_rat
                     future.cancel()
                     raise LiveIdle(f"the client has taken no video for {stalled_after:g} s") from None
 
-    options = LiveOptions(batch_size=s.settings.session_batch_size, in_flight=s.settings.in_flight,
-                          preset=s.settings.x264_preset, max_seconds=s.settings.max_live_seconds,
-                          max_lag_s=s.settings.max_live_lag_seconds)
-    session = LiveSession(avatar, fps, sample_rate, s.client, send, options, s.live_first)
+    session = Session(f"live-{uuid.uuid4().hex[:12]}", avatar, s.client, s.live_options(fps),
+                      s.sessions.idle_cycles, live_first=s.live_first, tenant=caller.tenant)
+    output = Fmp4Out(avatar, fps, send, s.settings.x264_preset)
+    session.add_output(output)
+    ended: asyncio.Future = loop.create_future()
+
+    def notify(event: dict, at: float) -> None:  # on the session's thread: an error, or its end
+        if event["type"] in ("error", "session_ended"):
+            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(event))
+
+    session.listen(notify)
     width, height = avatar.size
     await websocket.send_json({"type": "start", "avatar_id": avatar.name, "fps": fps, "width": width,
-                               "height": height, "codecs": session.codecs,
+                               "height": height, "codecs": output.codecs,
                                "synthetic_weights": s.synthetic_weights()})
-    worker = _in_thread(loop, session.run)
+    session.start()
     sender = asyncio.create_task(_send_all(websocket, outbox))
-    receiver = asyncio.create_task(_receive_all(websocket, session, sample_rate, options,
-                                                s.settings.live_idle_seconds))
+    receiver = asyncio.create_task(_receive_all(websocket, session, sample_rate, s.settings))
     try:
-        # Whichever ends first: the session (its last frame queued), the client's side (an error,
-        # a disconnect), or the sending (a client gone while the session was still making frames).
-        done, _ = await asyncio.wait({worker, receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        # Whichever ends first: the session (its last message queued, or an error), the client's
+        # side (an error, a disconnect), or the sending (a client gone while frames were made).
+        done, _ = await asyncio.wait({ended, receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
         for task in (receiver, sender):
             if task in done and task.exception() is not None:
                 raise task.exception()
-        await worker  # the session ends after its last frame (or raises)
+        if (await ended)["type"] == "error":
+            raise session.failure or RuntimeError(session.error)
         await outbox.put(None)
         await sender
         return "done"
     except (WebSocketDisconnect, ClientGone):
-        log.info("live session for %r: the client left after %d frames", avatar.id, session.sent)
+        log.info("live session for %r: the client left after %d frames", avatar.name, output.sent)
         return "gone"
     except Exception as error:  # noqa: BLE001 - the client hears why, the server serves on
-        metrics.triton_error(error)
-        log.warning("live session for %r failed after %d frames: %s", avatar.id, session.sent, error)
+        log.warning("live session for %r ended after %d frames: %s", avatar.name, output.sent, error)
         return error
     finally:
         closed.set()
-        session.cancel()
-        for task in (receiver, sender, worker):
+        session.close()
+        for task in (receiver, sender):
             task.cancel()
-        await asyncio.to_thread(session.finished.wait, 30)  # its Triton calls cancelled, encoders closed
+        await asyncio.to_thread(session.closed.wait, 30)  # its Triton calls cancelled, encoders closed
 
 
-async def _receive_all(websocket: WebSocket, session: LiveSession, rate: int, options: LiveOptions,
-                       idle_s: float) -> None:
-    """The client's audio into the session, never more than the session can hold: while the
-    video trails the audio by more than `max_lag_s`, or the session has not yet taken
-    INBOX_SECONDS of what arrived (its thread waits for a client that does not read), the
-    audio waits in the client's socket (TCP pushes back)."""
+async def _receive_all(websocket: WebSocket, session: Session, rate: int, settings) -> None:
+    """The client's audio into the session, never more than it can hold: while the video trails
+    the speech it was sent by more than MUSETALK_MAX_LIVE_LAG_SECONDS (its inbox included), the
+    speech waits in the client's socket (TCP pushes back): the sessions' one rule."""
     def end() -> bool:
-        session.end()
+        session.segment_end()
         return True
 
     def feed(pcm16: bytes) -> None:
-        session.feed(pcm16)
+        session.speak(pcm16, rate)
         metrics.LIVE_AUDIO_SECONDS.inc(len(pcm16) / 2 / rate)
 
-    await read_speech(websocket, feed, {"end": end},
-                      hold=lambda: session.lag_s > options.max_lag_s or session.inbox_seconds > INBOX_SECONDS,
-                      idle_s=idle_s, max_bytes=int(options.max_seconds * rate * 2),
-                      too_long=f"a live session takes at most {options.max_seconds:g} s of speech")
+    await read_speech(websocket, feed, {"end": end}, idle_s=settings.live_idle_seconds,
+                      hold=lambda: session.backlog_seconds > settings.max_live_lag_seconds)
 
 
 async def _send_all(websocket: WebSocket, outbox: asyncio.Queue) -> None:
@@ -160,23 +165,3 @@ async def _send_all(websocket: WebSocket, outbox: asyncio.Queue) -> None:
                 await websocket.send_bytes(item)
         else:
             await websocket.send_json(item)
-
-
-def _in_thread(loop: asyncio.AbstractEventLoop, work) -> asyncio.Future:
-    """Run `work` on a thread of its own (sessions are long: not the shared thread pool)."""
-    future = loop.create_future()
-
-    def settle(error: BaseException | None, result=None) -> None:
-        if not future.done():
-            future.set_exception(error) if error else future.set_result(result)
-
-    def target():
-        try:
-            result = work()
-        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, error)
-        else:
-            loop.call_soon_threadsafe(settle, None, result)
-
-    threading.Thread(target=target, name="live-session", daemon=True).start()
-    return future

@@ -230,4 +230,4 @@ async def _receive_speech(websocket: WebSocket, session: Session, rate: int, max
     # back-pressure: past `max_queued_s` of unplayed speech, the audio waits in the socket
     await read_speech(websocket, speak, {"segment_end": then_closed(session.segment_end),
                                          "interrupt": then_closed(session.interrupt)},
-                      hold=lambda: session.queued_seconds > max_queued_s)
+                      hold=lambda: session.backlog_seconds > max_queued_s)

@@ -103,9 +103,11 @@ class MediaOut:
         return {codec: out.replaying for codec, out in dict(self.outs).items()}
 
     # -- on the session's thread --------------------------------------------------------------
-    def encode(self, tick: Tick, due: float, due_sample: Callable[[int], float], codecs: set[str]) -> None:
-        """The tick's packets, once per codec watched, queued for their time."""
-        picture = self._picture(tick)
+    def encode(self, tick: Tick, due: float, due_sample: Callable[[int], float], codecs: set[str],
+               picture: Callable[[], np.ndarray] | None = None) -> None:
+        """The tick's packets, once per codec watched, queued for their time (`picture`: the tick's
+        frame, made once whoever asks first: picture(tick))."""
+        picture = picture or self.picture(tick)
         packets = {}
         for codec in codecs:
             if codec not in self.outs:
@@ -145,7 +147,7 @@ class MediaOut:
             self._keyframes.discard(codec)
             return wanted
 
-    def _picture(self, tick: Tick) -> Callable[[], np.ndarray]:
+    def picture(self, tick: Tick) -> Callable[[], np.ndarray]:
         """The tick's frame, composed only if some codec needs it (not for replayed idle packets)."""
         made: list[np.ndarray] = []
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 import numpy as np
 
@@ -50,6 +51,7 @@ class Segment:
         self.faces: dict[int, np.ndarray] = {}
         self.first_audio_at: float | None = None
         self.first_frame_at: float | None = None  # when its frame 0 could have played (its face was back)
+        self.arrivals: deque[tuple[int, float]] = deque()  # (16 kHz samples received in all, when): latencies
         self.played = 0  # frames played
         self.faces_received = 0
         self.ended = False
@@ -59,6 +61,7 @@ class Segment:
         self.first_audio_at = self.first_audio_at or when
         samples = self.pcm(pcm16)
         self._take(self.to_16k(samples), self.to_48k(samples))
+        self.arrivals.append((self.utterance.features.received, when))
 
     def end(self) -> None:
         self._take(self.to_16k(EMPTY, last=True), self.to_48k(EMPTY, last=True))

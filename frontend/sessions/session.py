@@ -1,10 +1,16 @@
-"""A conversational session: one avatar, always on screen, on one clock.
+"""A session: one avatar speaking what it is sent, on one clock; the one engine of every live path.
 
-The session's clock ticks at its fps from its creation to its end; each tick is
+A conversational session's clock ticks at its fps from its creation to its end; each tick is
 one video frame and its audio, for every viewer. What a tick shows and plays is
 the timeline's (timeline.py: idle, speech, transition, hold; sample-exact audio);
-turning it into packets for the viewers is media out's (media.py). This module is
-the thread that drives them, and what other threads may ask of it.
+turning it into packets for the WebRTC viewers is media out's (media.py), into a fragmented MP4
+its outputs' (outputs.py). This module is the thread that drives them, and what other threads
+may ask of it.
+
+An unpaced session (`paced=False`: /ws/live) runs the same way without the clock: each speech
+frame leaves as soon as it is made, nothing else is shown (no idle or held frames), and the
+session ends once its one segment has played. The clock can be injected (`Clock(fps, now)`):
+tests drive a session turn by turn (`turn(wait=False)`) without sleeping.
 
 One thread per session runs everything but the network: reading its inbox
 (speech, segment ends, interrupts), moving generation on (non-blocking), and
@@ -31,7 +37,7 @@ from client.errors import TritonClientError
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
 from frontend.errors import status_of
-from frontend.exceptions import SegmentTooLong, SessionNotFound, TooManyViewers
+from frontend.exceptions import ClientGone, SegmentTooLong, SessionNotFound, TooManyViewers
 from frontend.generation.core import Composer, Report
 from frontend.live_first import LiveFirst
 from frontend.sessions.idle import IdleCycles
@@ -61,6 +67,7 @@ class SessionOptions:
     video_kbps: int = 1500
     keyframe_seconds: float = 2.0  # live-encoded video: a keyframe at least this often
     start_lead_seconds: float = 0.3  # first guess of how long a segment's frame 0 takes (then measured)
+    paced: bool = True  # False: frames leave as soon as they are made, speech only (/ws/live)
 
 
 class Latency:
@@ -81,11 +88,12 @@ class Latency:
 
 
 class Clock:
-    """When tick n is due (time.monotonic), and where its audio lies on the 48 kHz timeline."""
+    """When tick n is due (on `now`'s time: time.monotonic by default), and where its audio lies on
+    the 48 kHz timeline."""
 
-    def __init__(self, fps: int):
-        self.fps = fps
-        self.t0 = time.monotonic() + 0.05
+    def __init__(self, fps: int, now: Callable[[], float] = time.monotonic):
+        self.fps, self.now = fps, now
+        self.t0 = now() + 0.05
         self.rebased = 0
 
     def due(self, n: int) -> float:
@@ -105,7 +113,7 @@ class Session:
 
     def __init__(self, session_id: str, avatar: Avatar, client, options: SessionOptions, idle_cycles: IdleCycles,
                  ice_servers: list[dict] | None = None, max_viewers: int = 8, live_first: LiveFirst | None = None,
-                 tenant: str | None = None):
+                 tenant: str | None = None, clock: Clock | None = None):
         self.id, self.avatar, self.client, self.options = session_id, avatar, client, options
         self.tenant = tenant  # its owner (frontend/access.py); None: the open service's
         self.live_first = live_first or LiveFirst(enabled=False)  # told when a segment is awaited and plays
@@ -113,8 +121,12 @@ class Session:
         self.max_viewers = max_viewers
         self.end_reason = "ended"
         self.fps = options.fps
-        self.clock = Clock(self.fps)
+        self.clock = clock or Clock(self.fps)
         self.timeline = Timeline(self.fps, options.transition_frames, options.start_lead_seconds)
+        self.outputs: list = []  # besides the viewers: where speech frames go (outputs.Fmp4Out)
+        self.finished_segment: Segment | None = None  # an unpaced session's segment, once it has played
+        self.failure: BaseException | None = None  # what ended it, if something did
+        self._inbox_audio = 0.0  # seconds of speech sent to it and not yet taken from its inbox
         self.composer = Composer(avatar, Report(frames=0, fps=self.fps, audio_seconds=0.0))
         self.media = MediaOut(avatar, self.fps, options.video_kbps, options.keyframe_seconds, idle_cycles,
                               self.composer)
@@ -138,7 +150,19 @@ class Session:
 
     # -- called from other threads --------------------------------------------------------
     def speak(self, pcm16: bytes, sample_rate: int) -> None:
+        with self._lock:
+            self._inbox_audio += len(pcm16) / 2 / sample_rate
         self.inbox.put((time.monotonic(), sample_rate, pcm16))
+
+    @property
+    def backlog_seconds(self) -> float:
+        """Speech sent to it and not yet played (its inbox included): what its speech socket holds
+        the sender back by (one rule for every live path)."""
+        return self.queued_seconds + self._inbox_audio
+
+    def add_output(self, output) -> None:
+        """Speech frames (and their audio) go to `output` too (before the session starts)."""
+        self.outputs.append(output)
 
     def segment_end(self) -> None:
         """The open segment has all its audio (a speech socket that closes says so too)."""
@@ -238,30 +262,61 @@ class Session:
     def run(self) -> None:
         metrics.SESSION_THREADS.inc()
         try:
-            while True:
-                produce = self.clock.due(self.timeline.n) - LEAD_S
-                now = time.monotonic()
-                if now >= produce:
-                    if now > produce + REBASE_S:
-                        self.clock.rebase(self.timeline.n, now)
-                    self._produce()
-                    continue
-                next_due = self.media.next_due
-                if next_due is not None and now >= next_due:
-                    self._publish(now)
-                    continue
-                wake = min(produce, next_due) if next_due is not None else produce
-                busy = any(s.utterance.busy for s in list(self.timeline.segments)[:2])
-                if self._read_inbox(min(wake - now, POLL_S) if busy else wake - now) is CLOSE:
-                    return
-                self._generate()
+            while self.turn():
+                pass
         except Exception as error:  # noqa: BLE001 - the session ends; its speech socket says why
-            self.error = f"{type(error).__name__}: {error}"
-            log.exception("session %s failed", self.id)
+            self.failure = error
+            status, self.error = status_of(error)
+            if status >= 500 and not isinstance(error, ClientGone):
+                log.exception("session %s failed", self.id)
             metrics.triton_error(error)
-            self._emit({"type": "error", "error": self.error}, time.monotonic())
+            self._emit({"type": "error", "error": self.error, "status": status}, time.monotonic())
         finally:
             self._stop()
+
+    def turn(self, wait: bool = True) -> bool:
+        """One turn of the session's loop (False: it has ended). `wait=False` never blocks: a test
+        that drives the clock calls it after each step of its own."""
+        if not self.options.paced:
+            return self._unpaced_turn(wait)
+        produce = self.clock.due(self.timeline.n) - LEAD_S
+        now = self.clock.now()
+        if now >= produce:
+            if now > produce + REBASE_S:
+                self.clock.rebase(self.timeline.n, now)
+            self._produce()
+            return True
+        next_due = self.media.next_due
+        if next_due is not None and now >= next_due:
+            self._publish(now)
+            return True
+        wake = min(produce, next_due) if next_due is not None else produce
+        busy = any(s.utterance.busy for s in list(self.timeline.segments)[:2])
+        timeout = (min(wake - now, POLL_S) if busy else wake - now) if wait else 0.0
+        if self._read_inbox(timeout) is CLOSE:
+            return False
+        self._generate()
+        return True
+
+    def _unpaced_turn(self, wait: bool) -> bool:
+        """Each speech frame as soon as it is ready; the outputs handed what is written whenever
+        the next frame is not; the end once the segment has played."""
+        if self.timeline.playable():
+            self._produce()
+            return True
+        segments = list(self.timeline.segments)
+        for output in self.outputs:
+            output.flush(segments[0] if segments else self.finished_segment)
+        if self.finished_segment is not None and not segments:
+            for output in self.outputs:
+                output.finish(self.finished_segment, self.timeline.carry)
+            self.end_reason = "done"
+            return False
+        busy = any(s.utterance.busy for s in segments[:2])
+        if self._read_inbox((POLL_S if busy else 0.25) if wait else 0.0) is CLOSE:
+            return False
+        self._generate()
+        return True
 
     def _stop(self) -> None:
         with self._lock:
@@ -274,6 +329,8 @@ class Session:
         self._emit_events(events)
         self.composer.close()
         self.media.close()
+        for output in self.outputs:
+            output.close()
         for viewer in self.viewers:
             viewer.end()
         self._emit({"type": "session_ended", "id": self.id, "reason": self.end_reason}, time.monotonic())
@@ -293,9 +350,14 @@ class Session:
             if item is END:
                 if self.timeline.open_segment is not None:
                     self.timeline.open_segment.end()
+                elif not self.options.paced and not self.timeline.segments and self.finished_segment is None:
+                    self._speech(time.monotonic(), 16000, b"")  # an unpaced stream that ended with no speech
+                    self.timeline.open_segment.end()
             elif item[0] is INTERRUPT:
                 self._interrupt(item[1])
             else:
+                with self._lock:
+                    self._inbox_audio -= len(item[2]) / 2 / item[1]
                 self._speech(*item)
             try:
                 item = self.inbox.get_nowait()
@@ -316,6 +378,7 @@ class Session:
         try:
             segment.add(pcm16, when)
         except SegmentTooLong as error:  # it plays what it has; the speech socket closes
+            self.failure = error
             segment.end()
             self._emit({"type": "error", "segment": segment.number, "error": str(error), "status": 413},
                        time.monotonic())
@@ -348,6 +411,7 @@ class Session:
                 return
 
     def _fail(self, segment: Segment, error: Exception) -> None:
+        self.failure = error
         metrics.triton_error(error)
         log.warning("session %s: segment %d failed: %s", self.id, segment.number, error)
         status, message = status_of(error)
@@ -361,15 +425,19 @@ class Session:
     # -- ticks out ------------------------------------------------------------------------
     def _produce(self) -> None:
         tick = self.timeline.next()
-        due = self.clock.due(tick.n)
+        due = self.clock.due(tick.n) if self.options.paced else time.monotonic()
         metrics.SESSION_FRAMES.labels(tick.kind).inc()
         viewers = self.viewers
         if viewers or self.timeline.segments or self._listeners:
             self.last_activity = time.monotonic()
+        picture = self.media.picture(tick)
         if viewers:
-            self.media.encode(tick, due, self.clock.due_sample, {viewer.codec for viewer in viewers})
+            self.media.encode(tick, due, self.clock.due_sample, {viewer.codec for viewer in viewers}, picture)
         else:
             self.media.unwatched()
+        if tick.kind == "speech":
+            for output in self.outputs:
+                output.write(picture(), tick.audio)
         for event in tick.events:
             if event.type == "speech_started" and event.segment.first_audio_at is not None:
                 self.speech_start.add(due - event.segment.first_audio_at)
@@ -378,6 +446,7 @@ class Session:
                 self.live_first.arrived(event.segment)
             if event.type == "speech_finished":
                 self._count_triton(event.segment)
+                self.finished_segment = event.segment
 
         self._emit_events(tick.events)
         if self._interrupted_at is not None and tick.kind != "speech":
@@ -413,7 +482,7 @@ class Session:
     # -- events ---------------------------------------------------------------------------
     def _emit_events(self, events: list[Event], now: float | None = None) -> None:
         for event in events:
-            at = now if event.n is None else self.clock.due(event.n)
+            at = now if event.n is None or not self.options.paced else self.clock.due(event.n)
             self._emit(event.message(), at if at is not None else time.monotonic())
 
     def _emit(self, event: dict, at: float) -> None:

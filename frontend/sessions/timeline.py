@@ -127,6 +127,16 @@ class Timeline:
         self.segments.remove(segment)
         return self._finished(segment, None, interrupted=True)
 
+    def playable(self) -> bool:
+        """Whether the next tick plays a speech frame now (neither idle nor a hold), or finishes a
+        segment of no whole frame: what an unpaced session waits for."""
+        segment = self.segments[0] if self.segments else None
+        if segment is None or (segment.played == 0 and self.position < segment.start):
+            return False
+        if segment.ended and segment.frames == 0:
+            return True
+        return segment.ready_to_start() if segment.played == 0 else segment.ready(segment.played)
+
     @property
     def queued_seconds(self) -> float:
         """Speech received and not yet played."""
