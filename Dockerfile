@@ -18,7 +18,7 @@ WORKDIR /src
 # Only the sources: pyproject.toml lists these packages, so all must be present for the
 # build, though the front end imports only contract, client and frontend (small folders;
 # weights and exports never are in them).
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 COPY contract/ contract/
 COPY client/ client/
 COPY frontend/ frontend/
@@ -27,9 +27,10 @@ COPY triton_local/ triton_local/
 COPY stack/ stack/
 COPY benchmarks/ benchmarks/
 COPY musetalk_pipecat/ musetalk_pipecat/
-# Every version is pinned in pyproject.toml. Binary wheels carry their native libraries
-# (FFmpeg in av, libsndfile in soundfile, dlib, OpenCV headless): no apt packages.
-RUN /opt/venv/bin/pip install --no-cache-dir ".[frontend]"
+# Every version is pinned (pyproject.toml; constraints.txt for what the SDK asks for by range).
+# Binary wheels carry their native libraries (FFmpeg in av, libsndfile in soundfile, dlib, OpenCV
+# headless): no apt packages.
+RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ".[frontend]"
 
 # --- runtime -------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm

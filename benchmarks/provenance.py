@@ -39,9 +39,22 @@ def invocation(module: str, argv: list[str] | None) -> str:
     return f"python -m {module}" + (f" {args}" if args else "")
 
 
+PROVENANCE = {"produced by": "command", "machine": "machine", "date": "date"}
+
+
 def publish(table: Path, lines: list[str], data) -> Path:
-    """Write a result: the Markdown `table` (its lines) and the same figures as JSON beside it."""
+    """Write a result: the Markdown `table` (its lines) and the same figures as JSON beside it,
+    with the table's provenance lines (the command, the machine with its CPU flags and GPU, the
+    date) under "provenance"."""
+    provenance = {}
+    for line in lines:
+        for label, key in PROVENANCE.items():
+            if line.startswith(f"- {label}: "):
+                value = line[len(label) + 4:].strip().strip("`")
+                provenance[key] = value.split(";")[0] if key == "date" else value  # "date: ...; more"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text("\n".join(lines) + "\n")
+    if isinstance(data, dict) and provenance:
+        data = {"provenance": provenance, **data}
     table.with_suffix(".json").write_text(json.dumps(data, indent=1))
     return table

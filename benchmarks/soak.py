@@ -33,6 +33,7 @@ from benchmarks.conversation import percentiles, speech_pcm
 from benchmarks.mixed_load import avatar_video, wav
 from benchmarks.provenance import invocation, machine, publish
 from client.sessions import AvatarSession, SessionError
+from frontend.video.fmp4 import read_trailer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,10 +99,11 @@ class Soak:
                 try:
                     answer = http.post("/onnx-infer", data={"stream": str(streamed).lower()},
                                        files={"audio_file": ("speech.wav", speech)})
-                    if answer.status_code == 200 and (not streamed or b'"status": "done"' in answer.content):
+                    ending = read_trailer(answer.content) if streamed and answer.status_code == 200 else None
+                    if answer.status_code == 200 and (not streamed or (ending or {}).get("status") == "done"):
                         self.counts["generations"] += 1
-                    elif answer.status_code == 200:  # a stream that ended with its error trailer
-                        self.failed("generation", "stream: " + answer.content.rsplit(b"musetalk:", 1)[-1][:60].decode())
+                    elif answer.status_code == 200:  # a stream that ended with its error trailer, or none
+                        self.failed("generation", f"stream ended: {(ending or {}).get('error', ending)}"[:90])
                     else:
                         self.failed("generation", f"{answer.status_code} {answer.text[:60]}")
                 except httpx.HTTPError as error:

@@ -177,6 +177,15 @@ class AvatarSession:
         except httpx.HTTPError:
             pass
 
+    async def publish(self, whip: str | None = None, token: str | None = None, rtmp: str | None = None) -> dict:
+        """Send the session to a media server too: a WHIP endpoint (an SFU's room, with its Bearer
+        `token`) or an RTMP ingest. The publication's status: its `id` (for `unpublish`), `state`."""
+        body = {"whip": whip, "token": token} if whip is not None else {"rtmp": rtmp}
+        return _check(await self.http.post(f"/sessions/{self.id}/publish", json=body)).json()
+
+    async def unpublish(self, publication_id: str) -> None:
+        _check(await self.http.delete(f"/sessions/{self.id}/publish/{publication_id}"))
+
     async def close(self) -> None:
         """End the session (DELETE), and close what this object opened."""
         self.closed = True
@@ -229,7 +238,7 @@ class Viewer:
     async def connect(self) -> None:
         self.pc = pc = RTCPeerConnection(self.session.ice_configuration())
         transceivers = [pc.addTransceiver(kind, direction="recvonly") for kind in ("video", "audio")]
-        arrivals = [_probe(t.receiver) for t in transceivers]
+        arrivals = [probe_arrivals(t.receiver) for t in transceivers]
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate first
         response = _check(await self.session.http.post(
             self.session.info["whep"], content=pc.localDescription.sdp,
@@ -266,12 +275,7 @@ class Viewer:
 
     async def _read(self, track, arrivals: _Arrivals, out: asyncio.Queue) -> None:
         try:
-            while True:
-                frame = await track.recv()
-                timestamp = arrivals.timestamp(frame.pts)
-                if out.qsize() > BUFFER_SECONDS * 50:
-                    out.get_nowait()
-                out.put_nowait(Received(frame, arrivals.at(timestamp), timestamp))
+            await read_frames(track, arrivals, out)
         except MediaStreamError:
             if self.session.follow and not self.session.closed:
                 self.session.gone("its media ended")
@@ -311,7 +315,18 @@ class _Arrivals:
         return self.times.get(timestamp, time.monotonic())
 
 
-def _probe(receiver) -> _Arrivals:
+async def read_frames(track, arrivals: _Arrivals, out: asyncio.Queue) -> None:
+    """Every frame of `track` into `out`, with when its first packet arrived (the oldest dropped
+    past BUFFER_SECONDS), until the track ends (MediaStreamError)."""
+    while True:
+        frame = await track.recv()
+        timestamp = arrivals.timestamp(frame.pts)
+        if out.qsize() > BUFFER_SECONDS * 50:
+            out.get_nowait()
+        out.put_nowait(Received(frame, arrivals.at(timestamp), timestamp))
+
+
+def probe_arrivals(receiver) -> _Arrivals:
     """Note each RTP packet's arrival as aiortc's transport hands it over, before its jitter
     buffer (which holds audio back 80 ms and video a frame) and its decoder."""
     arrivals = _Arrivals()

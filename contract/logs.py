@@ -89,6 +89,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# WebRTC's libraries log every ICE candidate pair and check at INFO (dozens of lines a viewer):
+# their warnings only, unless the level is DEBUG.
+CHATTY = ("aioice", "aiortc")
+
+
 def settings(log_format: str | None = None, level: str | None = None) -> dict:
     """The logging.config.dictConfig dict: the root logger and uvicorn's (access log included) to
     stderr, in one format. uvicorn.Config(log_config=settings()) uses it as is."""
@@ -107,8 +112,9 @@ def settings(log_format: str | None = None, level: str | None = None) -> dict:
                                 "formatter": "line", "filters": ["context"]}},
         "root": {"handlers": ["stderr"], "level": level},
         # uvicorn's own loggers go through the root's handler (propagate), not handlers of their own
-        "loggers": {name: {"handlers": [], "propagate": True, "level": level}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+        "loggers": {**{name: {"handlers": [], "propagate": True, "level": level}
+                       for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+                    **{name: {"level": level if level == "DEBUG" else "WARNING"} for name in CHATTY}},
     }
 
 

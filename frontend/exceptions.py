@@ -49,5 +49,15 @@ class SpeechSocketBusy(RuntimeError):
     """The session already has a speech socket (two would mix their speech)."""
 
 
+class PublishRefused(PermissionError):
+    """A destination the operator has not allowed (MUSETALK_PUBLISH_TO), or not a URL of its kind (403)."""
+
+
+class TooManyPublications(RuntimeError):
+    """A session already publishes to as many destinations as it may (429)."""
+
+    retry_after = 5
+
+
 class OfferError(ValueError):
     """An SDP offer we cannot answer (the message says why)."""

@@ -36,6 +36,10 @@ LIVE_SLOTS_IN_USE = Gauge("musetalk_live_slots_in_use", "Live-session slots take
 SESSION_VIEWERS_DROPPED = Counter("musetalk_session_viewers_dropped", "Viewers let go because they could not keep "
                                   "up (a second of video lost while their packets waited)")
 SESSION_VIEWERS = Gauge("musetalk_session_viewers", "WebRTC viewers of conversational sessions now")
+PUBLICATIONS_LIVE = Gauge("musetalk_publications_live", "Sessions' publications connected to their media server "
+                          "now, by kind (whip, rtmp)", ["kind"])
+PUBLISH_STATES = Counter("musetalk_publish_states", "Publications' changes of state, by kind and the state entered "
+                         "(connecting, live, retrying, stopped)", ["kind", "state"])
 SESSION_FRAMES = Counter("musetalk_session_frames", "Conversational sessions' video frames, by kind "
                          "(idle, speech, transition, hold)", ["kind"])
 SESSION_PICTURE_LOSS = Counter("musetalk_session_picture_loss", "Viewers' keyframe requests (PLI/FIR), by what "

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="how long minted TURN credentials last; the TURN server checks them at "
         "every refresh of a relay, so they must outlast the longest session")
     max_viewers_per_session: int = Field(8, ge=1, description="WebRTC viewers of one session; more get 429")
+    publish_to: list[str] = Field(
+        default_factory=list, description="where sessions may be published (POST /sessions/{id}/publish): URL "
+        'prefixes, ["https://sfu.example.com/whip/", "rtmp://ingest.example.com/live/"]; empty: publishing is off '
+        "(a replica connects wherever it is told to publish)")
+    max_publications_per_session: int = Field(
+        2, ge=1, description="destinations one session publishes to at once (each RTMP one is an encode); more get 429")
     replica_url: str = Field(
         "", description="with several replicas: where the others reach this one (http://POD_IP:8080); a "
         "session's id then says which replica holds it, and any replica forwards its requests there")

@@ -7,6 +7,7 @@ scikit-image; the speech was spoken by espeak-ng.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -65,7 +66,16 @@ def face_png(face_image) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def frontend_server(triton, tmp_path_factory, face_png):
+def publish_ports() -> dict[str, int]:
+    """The ports of the media servers sessions are published to (test_publish.py starts them):
+    chosen before the front end starts, which allows publishing there and nowhere else."""
+    from triton_local.processes import free_port
+
+    return {"whip": free_port(), "rtmp": free_port()}
+
+
+@pytest.fixture(scope="session")
+def frontend_server(triton, tmp_path_factory, face_png, publish_ports):
     """The front end as users run it: uvicorn in its own process, against the test Triton,
     its default avatar prepared from the astronaut photograph before it reports ready."""
     from stack.frontend_process import FrontEnd
@@ -77,6 +87,8 @@ def frontend_server(triton, tmp_path_factory, face_png):
     server = FrontEnd(triton.grpc_url, free_port(), log_file=BUILD / "frontend.log", host="127.0.0.1", env={
         "MUSETALK_AVATAR_DIR": str(folder / "avatars"), "MUSETALK_DEFAULT_AVATAR_SOURCE": str(photo),
         "MUSETALK_BATCH_SIZE": "8", "MUSETALK_MAX_LIVE_SESSIONS": "4",
+        "MUSETALK_PUBLISH_TO": json.dumps([f"http://127.0.0.1:{publish_ports['whip']}/whip/endpoint/",
+                                           f"rtmp://127.0.0.1:{publish_ports['rtmp']}/live/"]),
     }).start()
     assert server.wait_until_ready(180), f"the front end never became ready; see {server.log_file}"
     yield server

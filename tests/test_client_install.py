@@ -38,7 +38,8 @@ def test_client_installs_alone_and_calls_the_local_triton(triton, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", str(source)],
+    constraints = str(ROOT / "constraints.txt")  # the versions the project installs (the SDK asks for ranges)
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "-c", constraints, str(source)],
                              capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-2000:]
     run = subprocess.run([python, "-c", PROBE, triton.grpc_url], capture_output=True, text=True,

@@ -58,6 +58,8 @@ METRICS = {
     "musetalk_auth_failures_total": "counter",
     "musetalk_triton_ready": "gauge",
     "musetalk_triton_outages_total": "counter",
+    "musetalk_publications_live": "gauge",
+    "musetalk_publish_states_total": "counter",
     "musetalk_offline_paused_seconds_total": "counter",
 }
 

@@ -8,9 +8,12 @@ the speech a voice agent sends it, segment by segment, interrupted at once.
     POST   /sessions/{id}/tokens           fresh viewer and speaker tokens
     POST   /sessions/{id}/whep             an SDP offer (application/sdp) -> 201, the SDP answer, Location
     DELETE /sessions/{id}/whep/{viewer}    that viewer leaves
+    POST   /sessions/{id}/publish          JSON {"whip": URL, "token": ...} or {"rtmp": URL} -> 201 the
+                                           publication (frontend/sessions/publishing.py)
+    DELETE /sessions/{id}/publish/{pub}    that publication stops
 
 Who may (with API keys: frontend/access.py): the owner's key everything; a viewer token of the
-session its WHEP offer and its viewer's DELETE; a speaker token its speech socket (in
+session its WHEP offer and its viewer's DELETE (publishing: the owner only); a speaker token its speech socket (in
 `Authorization`, or `?token=` from a browser); either token its GET. Anyone else: 404, as for a
 session that does not exist; a token in the wrong role: 403.
 
@@ -36,15 +39,16 @@ import time
 
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from contract import logs
 from frontend.access import SPEAKER, VIEWER, Caller, audit
 from frontend.errors import UnsupportedMediaType, refuse_websocket
-from frontend.exceptions import OfferError, SpeechSocketBusy
+from frontend.exceptions import OfferError, SessionNotFound, SpeechSocketBusy
 from frontend.routes.auth import any_caller, key_holder
 from frontend.routes.speech_socket import int_parameter, read_speech
 from frontend.services import Services, services
+from frontend.sessions import publishing
 from frontend.sessions.session import Session
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -60,6 +64,21 @@ class NewSession(BaseModel):
     silence_dbfs: float | None = Field(None, le=0, description="frames whose audio window is quieter show the "
                                        "avatar's own face (default: MUSETALK_SESSION_SILENCE_DBFS; "
                                        "null: generate every speech frame)")
+
+
+class Destination(BaseModel):
+    whip: str | None = Field(None, description="a WHIP endpoint (an SFU's room): the session publishes to it "
+                             "over WebRTC")
+    token: str | None = Field(None, description="the WHIP endpoint's Bearer token")
+    rtmp: str | None = Field(None, description="an RTMP ingest's URL, its stream key as its last part")
+
+    @model_validator(mode="after")
+    def _one(self) -> Destination:
+        if (self.whip is None) == (self.rtmp is None):
+            raise ValueError('give one destination: {"whip": URL, "token": ...} or {"rtmp": URL}')
+        if self.token is not None and self.whip is None:
+            raise ValueError("a token goes with a whip destination")
+        return self
 
 
 def describe(session: Session) -> dict:
@@ -150,6 +169,41 @@ async def stop_watching(session_id: str, viewer_id: str, s: Services = Depends(s
     session_for(s, session_id, caller, VIEWER)
     await s.sessions.unwatch(session_id, viewer_id)
     return {"deleted": viewer_id}
+
+
+@router.post("/{session_id}/publish", status_code=201)
+async def publish(session_id: str, destination: Destination, s: Services = Depends(services),
+                  caller: Caller = Depends(any_caller)):
+    """Send the session, as its viewers see it, to a media server that fans it out (its owner's key
+    only, to a destination under MUSETALK_PUBLISH_TO): over WHIP to an SFU's room, or over RTMP to
+    a streaming ingest. A destination that goes away is tried again until the publication is
+    deleted; its `state` is in the session's status and its speech socket's `publish_state` events."""
+    session = session_for(s, session_id, caller)
+    settings = s.settings
+    if destination.whip is not None:
+        publishing.check_destination("whip", destination.whip, settings.publish_to)
+        publication = publishing.WhipPublication(session, destination.whip, destination.token)
+    else:
+        publishing.check_destination("rtmp", destination.rtmp, settings.publish_to)
+        publication = publishing.RtmpPublication(session, destination.rtmp, settings.webrtc_video_kbps,
+                                                 session.options.keyframe_seconds, settings.x264_preset)
+    session.add_publication(publication, settings.max_publications_per_session)
+    publication.start()
+    audit(caller, "published", "session", f"{session_id} to {publishing.shown(publication.url)}")
+    return JSONResponse(publication.status(), status_code=201,
+                        headers={"Location": f"/sessions/{session_id}/publish/{publication.id}"})
+
+
+@router.delete("/{session_id}/publish/{publication_id}", status_code=204)
+async def unpublish(session_id: str, publication_id: str, s: Services = Depends(services),
+                    caller: Caller = Depends(any_caller)):
+    session = session_for(s, session_id, caller)
+    publication = session.remove_publication(publication_id)
+    if publication is None:
+        raise SessionNotFound(f"session {session_id!r} has no publication {publication_id!r}")
+    await publication.stop()
+    audit(caller, "unpublished", "session", f"{session_id} from {publishing.shown(publication.url)}")
+    return Response(status_code=204)
 
 
 @router.websocket("/{session_id}/speech")

@@ -77,6 +77,9 @@ class Sessions:
             raise SessionNotFound(f"unknown session {session_id!r} (ended, or never created here)")
         try:
             session.close(reason)  # from here no viewer joins
+            for publication in session.publications:
+                session.remove_publication(publication.id)
+                await publication.stop()
             for viewer in session.viewers:
                 session.remove_viewer(viewer.id)
                 await viewer.close()
@@ -87,7 +90,7 @@ class Sessions:
 
     async def watch(self, session_id: str, offer_sdp: str) -> viewers.Viewer:
         session = self.get(session_id)
-        if len(session.viewers) >= self.max_viewers:  # before the work of an answer (checked again on joining)
+        if session.viewer_count >= self.max_viewers:  # before the work of an answer (checked again on joining)
             raise TooManyViewers(f"session {session_id!r} has its {self.max_viewers} viewers "
                                  "(MUSETALK_MAX_VIEWERS_PER_SESSION)")
 

@@ -37,7 +37,7 @@ from client.errors import TritonClientError
 from frontend import memory, metrics
 from frontend.avatars.store import Avatar
 from frontend.errors import status_of
-from frontend.exceptions import ClientGone, SegmentTooLong, SessionNotFound, TooManyViewers
+from frontend.exceptions import ClientGone, SegmentTooLong, SessionNotFound, TooManyPublications, TooManyViewers
 from frontend.generation.core import Composer, Report
 from frontend.live_first import LiveFirst
 from frontend.sessions.idle import IdleCycles
@@ -132,6 +132,8 @@ class Session:
                               self.composer)
         self.inbox: queue.Queue = queue.Queue()
         self._viewers: dict[str, object] = {}
+        self._uncounted: set[str] = set()  # viewers that are a publication's (no viewer slot, no viewer metric)
+        self._publications: dict[str, object] = {}  # frontend/sessions/publishing.py
         self._listeners: list[Callable[[dict, float], None]] = []
         self._last_event_at = 0.0  # events are never earlier than the one before
         self.speaker = None  # the speech socket connected now (one at a time)
@@ -185,26 +187,62 @@ class Session:
                     "reason": "this replica is shutting down: open a new session and move there"},
                    time.monotonic())
 
-    def add_viewer(self, viewer_id: str, viewer) -> None:
+    def add_viewer(self, viewer_id: str, viewer, counted: bool = True) -> None:
         """Feed `viewer` from the next tick; SessionNotFound once the session is ending (a viewer
-        that raced DELETE or expiry is refused, and its connection closed by the caller)."""
+        that raced DELETE or expiry is refused, and its connection closed by the caller). A viewer
+        not `counted` is a publication's: it takes no viewer slot."""
         with self._lock:
             if self._closing or self.closed.is_set():
                 raise SessionNotFound(f"session {self.id!r} has ended")
-            if len(self._viewers) >= self.max_viewers:
+            if counted and len(self._viewers) - len(self._uncounted) >= self.max_viewers:
                 raise TooManyViewers(f"session {self.id!r} has its {self.max_viewers} viewers "
                                      "(MUSETALK_MAX_VIEWERS_PER_SESSION)")
             self._viewers[viewer_id] = viewer
-        metrics.SESSION_VIEWERS.inc()
+            if not counted:
+                self._uncounted.add(viewer_id)
+        if counted:
+            metrics.SESSION_VIEWERS.inc()
         self.media.want_keyframe(viewer.codec)
 
     def remove_viewer(self, viewer_id: str):
         """The viewer, no longer fed (None if it was not one of this session's)."""
         with self._lock:
             viewer = self._viewers.pop(viewer_id, None)
-        if viewer is not None:
+            counted = viewer_id not in self._uncounted
+            self._uncounted.discard(viewer_id)
+        if viewer is not None and counted:
             metrics.SESSION_VIEWERS.dec()
         return viewer
+
+    @property
+    def viewer_count(self) -> int:
+        """Its WHEP viewers (a publication's peer is not one)."""
+        with self._lock:
+            return len(self._viewers) - len(self._uncounted)
+
+    def add_publication(self, publication, most: int) -> None:
+        """Send the session to `publication`'s destination too (frontend/sessions/publishing.py)."""
+        with self._lock:
+            if self._closing or self.closed.is_set():
+                raise SessionNotFound(f"session {self.id!r} has ended")
+            if len(self._publications) >= most:
+                raise TooManyPublications(f"session {self.id!r} publishes to its {most} destinations "
+                                          "(MUSETALK_MAX_PUBLICATIONS_PER_SESSION)")
+            self._publications[publication.id] = publication
+
+    def remove_publication(self, publication_id: str):
+        """The publication, no longer fed (None if it was not one of this session's)."""
+        with self._lock:
+            return self._publications.pop(publication_id, None)
+
+    @property
+    def publications(self) -> list:
+        with self._lock:
+            return list(self._publications.values())
+
+    def publish_state(self, status: dict) -> None:
+        """A publication's state changed: its speech socket hears it."""
+        self._emit({"type": "publish_state", **status}, time.monotonic())
 
     @property
     def viewers(self) -> list:
@@ -242,7 +280,7 @@ class Session:
         return {
             "id": self.id, "avatar_id": self.avatar.name, "fps": self.fps, "state": timeline.state,
             "width": self.avatar.size[0], "height": self.avatar.size[1],
-            "frames_sent": self.media.frames_sent, "viewers": len(self.viewers), "created": round(self.created, 3),
+            "frames_sent": self.media.frames_sent, "viewers": self.viewer_count, "created": round(self.created, 3),
             "seconds": round(timeline.n / self.fps, 3), "clock_rebased": self.clock.rebased,
             "queued_seconds": round(self.queued_seconds, 3), "behind_seconds": round(timeline.behind_seconds, 3),
             "segments": {"played": timeline.played, "interrupted": timeline.interrupted,
@@ -251,6 +289,7 @@ class Session:
             "latency_ms": {"speech_start": self.speech_start.summary(),
                            "interrupt": self.interrupt_latency.summary()},
             "idle_cycle_replayed": self.media.replaying(),
+            "publications": [publication.status() for publication in self.publications],
             "error": self.error,
         }
 
@@ -333,6 +372,8 @@ class Session:
             output.close()
         for viewer in self.viewers:
             viewer.end()
+        for publication in self.publications:
+            publication.end()
         self._emit({"type": "session_ended", "id": self.id, "reason": self.end_reason}, time.monotonic())
         memory.release()
         self.closed.set()
@@ -427,14 +468,16 @@ class Session:
         tick = self.timeline.next()
         due = self.clock.due(tick.n) if self.options.paced else time.monotonic()
         metrics.SESSION_FRAMES.labels(tick.kind).inc()
-        viewers = self.viewers
-        if viewers or self.timeline.segments or self._listeners:
+        viewers, publications = self.viewers, self.publications
+        if viewers or publications or self.timeline.segments or self._listeners:
             self.last_activity = time.monotonic()
         picture = self.media.picture(tick)
         if viewers:
             self.media.encode(tick, due, self.clock.due_sample, {viewer.codec for viewer in viewers}, picture)
         else:
             self.media.unwatched()
+        for publication in publications:  # idle and speech alike, as the viewers see them
+            publication.frame(picture, tick.audio)
         if tick.kind == "speech":
             for output in self.outputs:
                 output.write(picture(), tick.audio)
