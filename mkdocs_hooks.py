@@ -6,7 +6,8 @@
                             that made them, the machine and the date), as the benchmark wrote it
 
 So the reference cannot drift from the service, nor a figure from its result: a route, a setting
-or a result that changes changes them.
+or a result that changes changes them. A figure typed into a page (a number with the unit of a
+measurement) that no committed result holds stops the build (`unheld_figures`).
 """
 from __future__ import annotations
 
@@ -14,12 +15,35 @@ import inspect
 import os
 import re
 import tempfile
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "benchmarks" / "results"
+# A measured figure: a number with the unit of a measurement (not seconds: timeouts and settings
+# are in seconds too).
+FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?(ms|x|dB|frames/s|MB|%)(?!\w)")
+
+
+def unheld_figures(markdown: str) -> list[str]:
+    """The figures of `markdown` that no committed result holds, as written there or rounded to
+    the figure's digits (a percentage may be a result's fraction): typed by hand, a composite of
+    rows from different runs, or from a run that was never committed."""
+    text = " ".join(path.read_text() for path in RESULTS.iterdir() if path.suffix in (".md", ".json"))
+    numbers = [Decimal(n) for n in re.findall(r"\d+(?:\.\d+)?", text)]
+    numbers = [n for n in numbers if n.adjusted() < 12]
+
+    def held(figure: str, unit: str) -> bool:
+        wanted = Decimal(figure)
+        step = Decimal(1).scaleb(wanted.as_tuple().exponent)  # the figure's last digit
+        candidates = numbers + ([n * 100 for n in numbers] if unit == "%" else [])
+        return any(n.quantize(step, rounding=ROUND_HALF_UP) == wanted for n in candidates)
+
+    return [m.group(0).replace("\n", " ") for m in FIGURE.finditer(markdown) if not held(m.group(1), m.group(2))]
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if unheld := unheld_figures(markdown):
+        raise ValueError(f"{page.file.src_path}: figures that no file in benchmarks/results/ holds: {unheld}")
     if "<!-- openapi -->" in markdown:
         markdown = markdown.replace("<!-- openapi -->", api_reference())
     if "<!-- settings -->" in markdown:
