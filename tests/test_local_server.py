@@ -22,10 +22,17 @@ from triton_local.server import BACKENDS, SHM_PREFIX, STUB, LocalTriton, Ports, 
 from triton_local.supervisor import Supervisor
 
 
+def instances(grpc_url: str) -> int:
+    """The model instances a server runs, as its configs say: one python-backend stub each."""
+    with MuseTalkClient(grpc_url) as client:
+        return sum(int(group.get("count", 1)) for model in specs.NETWORKS
+                   for group in client.model_config(model)["instance_group"])
+
+
 def test_stubs_exit_when_tritonserver_is_killed(triton):
     server = LocalTriton(triton.repository, Ports.free(), log_file=BUILD / "triton-killed.log").start()
     children = psutil.Process(server.process.pid).children(recursive=True)
-    assert len(children) == 5  # one python-backend stub per network
+    assert len(children) == instances(server.grpc_url) >= len(specs.NETWORKS)  # a stub per instance
     os.kill(server.process.pid, signal.SIGKILL)  # a crash: tritonserver cleans up nothing
     assert wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                                     for c in children), 10, 0.1), \
@@ -52,7 +59,7 @@ def test_start_removes_what_an_earlier_crash_left(triton):
         assert young.exists()  # unmapped, but too young to be sure it is abandoned
         # The running server's own stubs and regions are left alone: it still serves.
         assert triton.ready()
-        assert len(psutil.Process(triton.process.pid).children()) == 5
+        assert len(psutil.Process(triton.process.pid).children()) == instances(triton.grpc_url)
         assert list(Path("/dev/shm").glob(f"{triton.shm_prefix}*"))
     finally:
         orphan.kill()
@@ -64,7 +71,7 @@ def test_each_server_has_shared_memory_of_its_own_sized_for_the_largest_batch(tr
     """Regions named after the server's port (no two servers share one), made big enough up front for
     the audio encoder's 8 segments in and out, so that none grows while requests are in flight."""
     regions = sorted(Path("/dev/shm").glob(f"{triton.shm_prefix}*"))
-    assert len(regions) == 5  # one per python-backend model
+    assert len(regions) == instances(triton.grpc_url)  # one per python-backend stub
     largest = max(spec.max_batch_size * spec.bytes_per_item for spec in specs.NETWORKS.values())
     assert largest > 90 * 2**20  # 8 x (80 x 3000 in + 1500 x 5 x 384 out) float32
     for region in regions:

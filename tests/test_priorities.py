@@ -13,14 +13,16 @@ from frontend.sessions.segments import Segment
 from frontend.sessions.session import SessionOptions
 from support import frames
 
+QUEUED = 12  # 32-frame offline requests sent before the one whose place is measured
+
 
 def finishing_place(grpc_url: str, urgent: Priority, priorities: bool = True) -> int:
-    """Six 32-frame requests at the offline level, then, once the first is back (the others are
-    queued on the server by then), one 1-frame request at `urgent`: the place (0..6) in which its
-    answer came back."""
+    """QUEUED 32-frame requests at the offline level, then, once the first is back (the others are
+    queued on the server by then), one 1-frame request at `urgent`: the place (0..QUEUED) in which
+    its answer came back."""
     audio, latents = frames(32)
-    with MuseTalkClient(grpc_url, max_in_flight=16, priorities=priorities) as client:
-        queued = [client.submit(client.musetalk, audio, latents, priority=Priority.OFFLINE) for _ in range(6)]
+    with MuseTalkClient(grpc_url, max_in_flight=2 * QUEUED, priorities=priorities) as client:
+        queued = [client.submit(client.musetalk, audio, latents, priority=Priority.OFFLINE) for _ in range(QUEUED)]
         queued[0].result()
         last = client.submit(client.musetalk, audio[:1], latents[:1], priority=urgent)
         order: list[int] = []
@@ -28,17 +30,21 @@ def finishing_place(grpc_url: str, urgent: Priority, priorities: bool = True) ->
             future.add_done_callback(lambda _, number=number: order.append(number))
         for future in [*queued, last]:
             future.result()
-    return order.index(6)
+    return order.index(QUEUED)
 
 
 def test_urgent_requests_overtake_the_work_queued_before_them(triton):
     """Triton serves its queues in priority order, through the ensemble's three steps, and the local
     server answers a request as soon as its own frames are done: a session's first frame sent
-    behind full batches of offline work comes back after at most the two under way in the unet and
-    the decoder. At the offline level, or with priorities off, it comes last."""
-    assert finishing_place(triton.grpc_url, Priority.SEGMENT_START) <= 3
-    assert finishing_place(triton.grpc_url, Priority.OFFLINE) == 6
-    assert finishing_place(triton.grpc_url, Priority.SEGMENT_START, priorities=False) == 6
+    behind full batches of offline work comes back after at most those under way in the unet and
+    the decoder (one an instance). At the offline level, or with priorities off, it waits for every
+    request queued before it, and only those still under way beside it finish after it."""
+    with MuseTalkClient(triton.grpc_url) as client:
+        under_way = sum(int(group.get("count", 1)) for model in ("unet", "vae_decoder")
+                        for group in client.model_config(model)["instance_group"])
+    assert finishing_place(triton.grpc_url, Priority.SEGMENT_START) <= under_way
+    assert finishing_place(triton.grpc_url, Priority.OFFLINE) >= QUEUED - (under_way - 1) > under_way
+    assert finishing_place(triton.grpc_url, Priority.SEGMENT_START, priorities=False) >= QUEUED - (under_way - 1)
 
 
 def test_every_model_queues_by_the_contracts_priority_levels(triton):

@@ -215,8 +215,11 @@ class WhipPublication(Publication):
                 lost.set_result("the media server did not take the packets")
 
         viewer.on_gone = cannot_keep_up
-        if await asyncio.wait_for(connected, CONNECT_S) is not True:
-            raise ConnectionError(connected.result())
+        try:
+            if await asyncio.wait_for(connected, CONNECT_S) is not True:
+                raise ConnectionError(connected.result())
+        except TimeoutError:
+            raise ConnectionError(f"no WebRTC connection within {CONNECT_S:g} s of the answer") from None
         self.session.add_viewer(viewer.id, viewer, counted=False)
 
         async def silence() -> None:
