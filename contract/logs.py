@@ -89,9 +89,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-# WebRTC's libraries log every ICE candidate pair and check at INFO (dozens of lines a viewer):
-# their warnings only, unless the level is DEBUG.
-CHATTY = ("aioice", "aiortc")
+# Libraries that log routine work at INFO: WebRTC's every ICE candidate pair and check (dozens of
+# lines a viewer), httpx every request (the demo's progress polls, session forwarding): their
+# warnings only, unless the level is DEBUG.
+CHATTY = ("aioice", "aiortc", "httpx")
 
 
 def settings(log_format: str | None = None, level: str | None = None) -> dict:

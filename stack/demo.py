@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         step("3/5 start the front end")
         frontend = FrontEnd(server.grpc_url, 8080 if not listening(8080) else free_port(), env={
             "MUSETALK_AVATAR_DIR": str(BUILD / "demo" / f"avatars-{args.profile}"),
+            # every request names the demo's own avatar (prepared once the front end is ready):
+            # no default avatar, which readiness would otherwise wait for
+            "MUSETALK_DEFAULT_AVATAR": "",
             # one batch computing, the next queued: the server stays busy and batches stay small
             "MUSETALK_IN_FLIGHT": "2",
             **(LOCAL_SERVER_SETTINGS if supervisor else {}),
